@@ -1,0 +1,36 @@
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: run test lint typecheck pytest bench clean
+
+## run: migrate the embedded SQLite database and show its lease table
+run: $(STAMP)
+	$(BIN)/leasehold migrate
+	$(BIN)/leasehold status
+
+## test: ruff, mypy and pytest (MariaDB and Redis on 127.0.0.1 are used when they answer)
+test: lint typecheck pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/fence_overhead.py
+	$(BIN)/python bench/reclaim_scan.py
+
+$(STAMP): pyproject.toml scripts/bootstrap.sh
+	PYTHON=$(PYTHON) scripts/bootstrap.sh $(VENV)
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache var leasehold.sqlite3*

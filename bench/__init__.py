@@ -1,0 +1,1 @@
+"""Benchmarks: print ratios against a baseline measured in the same process."""

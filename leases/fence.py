@@ -1,0 +1,23 @@
+"""The fence: every owned write of a running apply happens inside one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from leases.lease import Lease
+from storage.engine import Database
+from storage.fenced import Fenced, fenced_transaction
+
+
+@contextmanager
+def fence(db: Database, lease: Lease) -> Iterator[Fenced]:
+    """A transaction that holds ``lease``'s apply row locked from its first statement to commit.
+
+    Raises ``LeaseLost`` (nothing written) if the lease is not current, ``ApplyNotFound`` if the
+    apply does not exist. Pass the handle to the owned writes in ``storage.fenced``; make external
+    calls inside the block (with a timeout well below ``stale_after``) and record their results
+    there, so that no rotation can commit while the call is in flight.
+    """
+    with fenced_transaction(db, lease.apply_id, lease.epoch, lease.token) as fx:
+        yield fx

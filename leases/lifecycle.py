@@ -1,0 +1,116 @@
+"""The lease lifecycle: dispatch, redeem, heartbeat, check, hand back, release.
+
+Every rotation is a compare-and-swap on the previous token and is logged, at the new epoch, in
+the same transaction. Heartbeats set ``heartbeat_at`` from the database clock and are fenced by
+their own WHERE clause. None of these raises ``LeaseLost`` for a connection error: that is
+``StorageUnavailable``, and the caller retries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from leases.lease import Lease, mint_token
+from storage import leasing
+from storage.engine import Database
+from storage.errors import InvalidTransition
+from storage.states import ApplyState
+
+# States from which an apply with no holder may be dispatched: first dispatch and resume.
+DISPATCHABLE = (ApplyState.PENDING, ApplyState.STOPPED)
+
+
+def dispatch(
+    db: Database,
+    apply_id: int,
+    *,
+    from_states: Iterable[ApplyState] = DISPATCHABLE,
+    event: str = "dispatched",
+    reason: str = "dispatched to a worker",
+) -> Lease:
+    """Mint a lease for an apply nobody holds (pending, or stopped for a resume).
+
+    The new lease is returned for the caller to send to a worker; until a worker redeems it the
+    apply is ``dispatched`` and reclaim re-dispatches it after the dispatch timeout.
+    """
+    allowed = [ApplyState(s) for s in from_states]
+    with db.transaction() as conn:
+        row = leasing.lock(conn, apply_id)
+        if row.state not in allowed:
+            raise InvalidTransition(apply_id, row.state, "dispatch")
+        token = mint_token()
+        epoch = leasing.rotate(
+            conn, row, new_token=token, to_state=ApplyState.DISPATCHED, event=event, reason=reason
+        )
+    return Lease(apply_id, epoch, token)
+
+
+def redeem(db: Database, lease: Lease, owner: str) -> None:
+    """Claim a dispatched lease for ``owner``. ``LeaseLost``: a duplicate or stale message."""
+    with db.transaction() as conn:
+        leasing.redeem(conn, lease.apply_id, epoch=lease.epoch, token=lease.token, owner=owner)
+        leasing.append_log(
+            conn,
+            lease.apply_id,
+            epoch=lease.epoch,
+            level="info",
+            event="redeemed",
+            message=f"lease epoch {lease.epoch} redeemed by {owner}",
+        )
+
+
+def heartbeat(db: Database, lease: Lease) -> None:
+    """Renew liveness from the database clock; ``LeaseLost`` if the lease is no longer current."""
+    with db.transaction() as conn:
+        leasing.heartbeat(conn, lease.apply_id, epoch=lease.epoch, token=lease.token)
+
+
+def check(db: Database, lease: Lease) -> None:
+    """Raise ``LeaseLost`` unless ``lease`` is current and its apply running. Writes nothing.
+
+    Advisory only: a check followed by a write is not a fence. Use ``fence`` for that.
+    """
+    with db.transaction() as conn:
+        leasing.check(conn, lease.apply_id, epoch=lease.epoch, token=lease.token)
+
+
+def hand_back(db: Database, lease: Lease, *, reason: str) -> Lease:
+    """Graceful handover: rotate the held lease to a new dispatched one, fencing any leftover
+    actor of the old epoch. The caller sends the returned lease to another worker at once."""
+    return _rotate_held(db, lease, ApplyState.DISPATCHED, event="handed_back", reason=reason)
+
+
+def release(
+    db: Database,
+    lease: Lease,
+    *,
+    to_state: ApplyState = ApplyState.STOPPED,
+    event: str = "released",
+    reason: str,
+    error: str | None = None,
+) -> int:
+    """Give up the held lease, moving the apply to ``to_state`` (stopped, or a terminal state).
+
+    The token is rotated to one nobody holds, so anything still running under the old epoch is
+    fenced. Returns the new epoch.
+    """
+    new = _rotate_held(db, lease, to_state, event=event, reason=reason, error=error)
+    return new.epoch
+
+
+def _rotate_held(
+    db: Database,
+    lease: Lease,
+    to_state: ApplyState,
+    *,
+    event: str,
+    reason: str,
+    error: str | None = None,
+) -> Lease:
+    held = leasing.LeaseRow(lease.apply_id, ApplyState.RUNNING, lease.epoch, lease.token)
+    token = mint_token()
+    with db.transaction() as conn:
+        epoch = leasing.rotate(
+            conn, held, new_token=token, to_state=to_state, event=event, reason=reason, error=error
+        )
+    return Lease(lease.apply_id, epoch, token)

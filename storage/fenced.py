@@ -1,0 +1,141 @@
+"""Owned writes. Each takes a :class:`Fenced` handle, which only :func:`fenced_transaction`
+creates, after its first statement proved the lease current and locked the apply row. An owned
+write without a fence therefore does not type-check, and one with a stale lease never runs.
+
+A rotation must update the same row, so it waits for the fenced transaction to end (and a fenced
+transaction opened after a rotation sees the new token and raises ``LeaseLost``), under
+REPEATABLE READ and READ COMMITTED alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Final, final
+
+from sqlalchemy import Connection
+
+from storage import leasing, statements
+from storage.engine import Database
+from storage.errors import FenceClosed, InvalidInput, RowNotFound
+from storage.states import ApplyState, ControlState, TaskState
+
+_TASK_COLUMNS: Final = frozenset(
+    {"state", "progress", "checkpoint", "started_at", "finished_at", "error"}
+)
+
+
+@final
+class Fenced:
+    """An open transaction in which the apply's lease was proven current and its row is locked."""
+
+    __slots__ = ("_conn", "_open", "apply_id", "epoch")
+
+    def __init__(self, conn: Connection, apply_id: int, epoch: int, *, _proof: object) -> None:
+        if _proof is not _PROOF:
+            raise FenceClosed("a Fenced handle is only made by fenced_transaction()")
+        self._conn = conn
+        self._open = True
+        self.apply_id = apply_id
+        self.epoch = epoch
+
+    @property
+    def connection(self) -> Connection:
+        if not self._open:
+            raise FenceClosed(f"the fence of apply {self.apply_id} epoch {self.epoch} is closed")
+        return self._conn
+
+    def _close(self) -> None:
+        self._open = False
+
+    def __repr__(self) -> str:
+        state = "open" if self._open else "closed"
+        return f"Fenced(apply_id={self.apply_id}, epoch={self.epoch}, {state})"
+
+
+_PROOF: Final = object()
+
+
+@contextmanager
+def fenced_transaction(db: Database, apply_id: int, epoch: int, token: str) -> Iterator[Fenced]:
+    """Open a transaction whose first statement is the fence; yield the handle; commit.
+
+    If the block raises, everything it wrote is rolled back. ``LeaseLost`` or ``ApplyNotFound``
+    come from the fence itself before anything is written.
+    """
+    with db.transaction() as conn:
+        leasing.fence(conn, apply_id, epoch, token)
+        handle = Fenced(conn, apply_id, epoch, _proof=_PROOF)
+        try:
+            yield handle
+        finally:
+            handle._close()
+
+
+def set_apply_state(fx: Fenced, state: ApplyState, *, error: str | None = None) -> None:
+    """Move the held apply to ``state``. Leaving ``running`` ends the lease's rights: the fence
+    admits only running applies."""
+    fx.connection.execute(statements.set_apply_state(fx.apply_id, state=state, error=error))
+
+
+def update_task(fx: Fenced, task_id: int, **values: Any) -> None:
+    """Write an apply task's state, progress, checkpoint, times or error, stamping the epoch."""
+    unknown = set(values) - _TASK_COLUMNS
+    if unknown:
+        raise InvalidInput(f"unknown apply task columns: {sorted(unknown)}")
+    if "state" in values:
+        values["state"] = TaskState(values["state"]).value
+    progress = values.get("progress")
+    if progress is not None and not (isinstance(progress, int) and 0 <= progress <= 100):
+        raise InvalidInput(f"progress must be an int from 0 to 100, not {progress!r}")
+    result = fx.connection.execute(
+        statements.update_task(fx.apply_id, task_id, epoch=fx.epoch, values=values)
+    )
+    if result.rowcount != 1:
+        raise RowNotFound(f"apply {fx.apply_id} has no apply task {task_id}")
+
+
+def append_log(fx: Fenced, event: str, message: str, *, level: str = "info") -> None:
+    fx.connection.execute(
+        statements.append_log(
+            fx.apply_id, epoch=fx.epoch, level=level, event=event, message=message
+        )
+    )
+
+
+def record_comment(fx: Fenced, *, kind: str, github_comment_id: int, body_sha256: str) -> None:
+    """Record a comment creation or edit. Update-then-insert is race-free: the fence's row lock
+    serializes every writer of this apply."""
+    args: Mapping[str, Any] = {
+        "kind": kind,
+        "epoch": fx.epoch,
+        "github_comment_id": github_comment_id,
+        "body_sha256": body_sha256,
+    }
+    if fx.connection.execute(statements.update_comment(fx.apply_id, **args)).rowcount == 0:
+        fx.connection.execute(statements.insert_comment(fx.apply_id, **args))
+
+
+def record_check(
+    fx: Fenced, *, check_run_id: int, status: str, conclusion: str | None = None
+) -> None:
+    args: Mapping[str, Any] = {
+        "epoch": fx.epoch,
+        "check_run_id": check_run_id,
+        "status": status,
+        "conclusion": conclusion,
+    }
+    if fx.connection.execute(statements.update_check(fx.apply_id, **args)).rowcount == 0:
+        fx.connection.execute(statements.insert_check(fx.apply_id, **args))
+
+
+def finish_control_request(
+    fx: Fenced, request_id: int, *, state: ControlState, error: str | None = None
+) -> None:
+    result = fx.connection.execute(
+        statements.finish_control_request(
+            fx.apply_id, request_id, state=ControlState(state), error=error
+        )
+    )
+    if result.rowcount != 1:
+        raise RowNotFound(f"apply {fx.apply_id} has no pending control request {request_id}")

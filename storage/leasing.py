@@ -1,0 +1,165 @@
+"""Lease row operations on an open connection. Each is one statement whose precondition is in its
+WHERE clause; zero matched rows is turned into a named error by :func:`explain_mismatch`.
+
+These take a ``Connection`` so that a caller can compose them into one transaction (reclaim
+rotates and logs together). Minting tokens and deciding *when* to rotate is ``leases``' job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from sqlalchemy import Connection
+
+from storage import statements
+from storage.errors import ApplyNotFound, InvalidTransition, LeaseLost
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRow:
+    apply_id: int
+    state: str
+    epoch: int
+    token: str | None
+    owner: str | None = None
+    reclaim_count: int = 0
+
+
+def read(conn: Connection, apply_id: int) -> LeaseRow:
+    row = conn.execute(statements.read_lease_row(apply_id)).one_or_none()
+    if row is None:
+        raise ApplyNotFound(apply_id)
+    return LeaseRow(row.id, row.state, row.lease_epoch, row.lease_token)
+
+
+def lock(conn: Connection, apply_id: int) -> LeaseRow:
+    """Lock the apply row until the transaction ends and return its lease columns."""
+    row = conn.execute(statements.lock_apply(apply_id)).one_or_none()
+    if row is None:
+        raise ApplyNotFound(apply_id)
+    return LeaseRow(row.id, row.state, row.lease_epoch, row.lease_token, row.lease_owner)
+
+
+def explain_mismatch(
+    conn: Connection, apply_id: int, epoch: int, token: str | None, *, wanted: str
+) -> Exception:
+    """Why a lease-predicated statement matched no row: the apply is gone, the lease moved on, or
+    the apply is not in a state that allows ``wanted``."""
+    try:
+        row = read(conn, apply_id)
+    except ApplyNotFound as exc:
+        return exc
+    if row.epoch != epoch or row.token != token:
+        return LeaseLost(apply_id, epoch, current_epoch=row.epoch, state=row.state)
+    return LeaseLost(
+        apply_id, epoch, state=row.state, reason=f"the apply is {row.state}, cannot {wanted}"
+    )
+
+
+def fence(conn: Connection, apply_id: int, epoch: int, token: str) -> None:
+    """Prove (apply_id, epoch, token) is the current lease of a running apply and lock its row."""
+    found = conn.execute(statements.fence(apply_id, token)).scalar_one_or_none()
+    if found is None:
+        raise explain_mismatch(conn, apply_id, epoch, token, wanted="write")
+    if found != epoch:
+        # Same token, other epoch: only a forged lease gets here, since tokens are never reused.
+        raise LeaseLost(apply_id, epoch, current_epoch=found, reason="epoch does not match")
+
+
+def rotate(
+    conn: Connection,
+    row: LeaseRow,
+    *,
+    new_token: str,
+    to_state: str,
+    event: str,
+    reason: str,
+    from_states: Iterable[str] | None = None,
+    reclaimed: bool = False,
+    error: str | None = None,
+) -> int:
+    """Compare-and-swap the lease from ``row``'s (epoch, token) to ``new_token`` and log the
+    rotation at the new epoch, both in the caller's transaction. Returns the new epoch.
+
+    ``from_states`` defaults to ``row.state``: the apply must still be in the state the caller saw.
+    """
+    allowed = [row.state] if from_states is None else list(from_states)
+    result = conn.execute(
+        statements.rotate(
+            row.apply_id,
+            old_epoch=row.epoch,
+            old_token=row.token,
+            new_token=new_token,
+            from_states=allowed,
+            to_state=to_state,
+            reclaimed=reclaimed,
+            error=error,
+        )
+    )
+    if result.rowcount != 1:
+        now = read(conn, row.apply_id)
+        if now.epoch != row.epoch or now.token != row.token:
+            raise LeaseLost(row.apply_id, row.epoch, current_epoch=now.epoch, state=now.state)
+        raise InvalidTransition(row.apply_id, now.state, f"move to {to_state}")
+    epoch = row.epoch + 1
+    level = "error" if to_state == "failed" else "info"
+    append_log(
+        conn,
+        row.apply_id,
+        epoch=epoch,
+        level=level,
+        event=event,
+        message=f"epoch {epoch}: {reason}",
+    )
+    return epoch
+
+
+def redeem(conn: Connection, apply_id: int, *, epoch: int, token: str, owner: str) -> None:
+    """Claim a dispatched lease that nobody has claimed yet.
+
+    Raises ``LeaseLost`` for a duplicate message (already redeemed), a stale one (rotated since)
+    or a lease that was never issued; nothing is written in any of these cases.
+    """
+    result = conn.execute(statements.redeem(apply_id, epoch=epoch, token=token, owner=owner))
+    if result.rowcount == 1:
+        return
+    row = read(conn, apply_id)
+    if epoch > row.epoch:
+        raise LeaseLost(apply_id, epoch, current_epoch=row.epoch, reason="never issued")
+    if row.epoch != epoch or row.token != token:
+        raise LeaseLost(apply_id, epoch, current_epoch=row.epoch, state=row.state)
+    reason = "already redeemed" if row.state == "running" else f"the apply is {row.state}"
+    raise LeaseLost(apply_id, epoch, state=row.state, reason=reason)
+
+
+def heartbeat(conn: Connection, apply_id: int, *, epoch: int, token: str) -> None:
+    result = conn.execute(statements.heartbeat(apply_id, token=token))
+    if result.rowcount != 1:
+        raise explain_mismatch(conn, apply_id, epoch, token, wanted="heartbeat")
+
+
+def check(conn: Connection, apply_id: int, *, epoch: int, token: str) -> LeaseRow:
+    row = read(conn, apply_id)
+    if row.epoch != epoch or row.token != token:
+        raise LeaseLost(apply_id, epoch, current_epoch=row.epoch, state=row.state)
+    if row.state != "running":
+        raise LeaseLost(apply_id, epoch, state=row.state, reason=f"the apply is {row.state}")
+    return row
+
+
+def stale(conn: Connection, state: str, *, older_than: float, limit: int) -> list[LeaseRow]:
+    rows = conn.execute(statements.stale_candidates(state, older_than=older_than, limit=limit))
+    return [
+        LeaseRow(r.id, r.state, r.lease_epoch, r.lease_token, reclaim_count=r.reclaim_count)
+        for r in rows
+    ]
+
+
+def append_log(
+    conn: Connection, apply_id: int, *, epoch: int, level: str, event: str, message: str
+) -> None:
+    """A log line written by a lease transition (the caller holds the apply row lock)."""
+    conn.execute(
+        statements.append_log(apply_id, epoch=epoch, level=level, event=event, message=message)
+    )

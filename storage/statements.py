@@ -1,0 +1,363 @@
+"""Every SQL statement leasehold runs, by name.
+
+Domain code never builds SQL: it calls these builders (procrastinate keeps its queries in one
+file the same way). Preconditions live in the WHERE clause; callers treat zero matched rows as an
+error with a name. On MySQL the SQLAlchemy mysqlclient dialect connects with CLIENT_FOUND_ROWS, so
+``rowcount`` counts *matched* rows, and an idempotent write that changes no column still reports 1
+(proved against the real server by the contract tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from sqlalchemy import (
+    Insert,
+    Select,
+    Update,
+    bindparam,
+    insert,
+    select,
+)
+
+from storage import clock
+from storage.states import ApplyState
+from storage.tables import (
+    applies,
+    apply_comments,
+    apply_logs,
+    apply_tasks,
+    checks,
+    control_requests,
+)
+
+# --- the lease row -------------------------------------------------------------------------------
+
+
+def read_lease_row(apply_id: int) -> Select[Any]:
+    """Why a precondition failed: the row as it is now, unlocked."""
+    return select(
+        applies.c.id, applies.c.state, applies.c.lease_epoch, applies.c.lease_token
+    ).where(applies.c.id == apply_id)
+
+
+def fence(apply_id: int, token: str) -> Select[Any]:
+    """The fence: prove the lease current and lock the apply row until the transaction ends.
+
+    A locking read sees the newest committed row under REPEATABLE READ and READ COMMITTED alike,
+    and waits for a rotation in flight. On SQLite the row lock is the database write lock that
+    every transaction takes at BEGIN IMMEDIATE, so the clause is omitted by the dialect.
+    """
+    return (
+        select(applies.c.lease_epoch)
+        .where(
+            applies.c.id == apply_id,
+            applies.c.lease_token == token,
+            applies.c.state == ApplyState.RUNNING,
+        )
+        .with_for_update()
+    )
+
+
+def lock_apply(apply_id: int) -> Select[Any]:
+    """Lock one apply row for a transition made without a lease (control, dispatch)."""
+    return (
+        select(
+            applies.c.id,
+            applies.c.state,
+            applies.c.lease_epoch,
+            applies.c.lease_token,
+            applies.c.lease_owner,
+        )
+        .where(applies.c.id == apply_id)
+        .with_for_update()
+    )
+
+
+def rotate(
+    apply_id: int,
+    *,
+    old_epoch: int,
+    old_token: str | None,
+    new_token: str,
+    from_states: Iterable[str],
+    to_state: str,
+    reclaimed: bool = False,
+    error: str | None = None,
+) -> Update:
+    """Compare-and-swap the lease: only the holder of (old_epoch, old_token) can rotate it."""
+    token_matches = (
+        applies.c.lease_token.is_(None) if old_token is None else applies.c.lease_token == old_token
+    )
+    values: dict[str, Any] = {
+        "lease_token": new_token,
+        "lease_epoch": applies.c.lease_epoch + 1,
+        "lease_owner": None,
+        "lease_acquired_at": None,
+        "state": to_state,
+        "heartbeat_at": clock.now(),
+        "updated_at": clock.now(),
+    }
+    if reclaimed:
+        values["reclaim_count"] = applies.c.reclaim_count + 1
+    if ApplyState(to_state).terminal:
+        values["finished_at"] = clock.now()
+        values["error"] = error
+    return (
+        applies.update()
+        .where(
+            applies.c.id == apply_id,
+            applies.c.lease_epoch == old_epoch,
+            token_matches,
+            applies.c.state.in_(list(from_states)),
+        )
+        .values(**values)
+    )
+
+
+def redeem(apply_id: int, *, epoch: int, token: str, owner: str) -> Update:
+    """The worker's first write: claim a dispatched lease that nobody has claimed yet."""
+    return (
+        applies.update()
+        .where(
+            applies.c.id == apply_id,
+            applies.c.lease_epoch == epoch,
+            applies.c.lease_token == token,
+            applies.c.lease_owner.is_(None),
+            applies.c.state == ApplyState.DISPATCHED,
+        )
+        .values(
+            lease_owner=owner,
+            state=ApplyState.RUNNING,
+            lease_acquired_at=clock.now(),
+            heartbeat_at=clock.now(),
+            updated_at=clock.now(),
+        )
+    )
+
+
+def heartbeat(apply_id: int, *, token: str) -> Update:
+    """Liveness, fenced in one statement: the row lock of the UPDATE is the fence."""
+    return (
+        applies.update()
+        .where(
+            applies.c.id == apply_id,
+            applies.c.lease_token == token,
+            applies.c.state == ApplyState.RUNNING,
+        )
+        .values(heartbeat_at=clock.now())
+    )
+
+
+def stale_candidates(state: str, *, older_than: float, limit: int) -> Select[Any]:
+    """Applies in ``state`` whose heartbeat is older than ``older_than`` seconds by the DB clock.
+
+    An index range scan on (state, heartbeat_at); rows another reclaimer (or a fenced write in
+    flight) holds are skipped rather than waited for.
+    """
+    return (
+        select(
+            applies.c.id,
+            applies.c.state,
+            applies.c.lease_epoch,
+            applies.c.lease_token,
+            applies.c.reclaim_count,
+        )
+        .where(
+            applies.c.state == state,
+            applies.c.heartbeat_at < clock.now_minus(bindparam("older_than", older_than)),
+        )
+        .order_by(applies.c.heartbeat_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+
+
+def current_epoch(apply_id: int) -> Select[Any]:
+    return select(applies.c.lease_epoch).where(applies.c.id == apply_id)
+
+
+# --- owned writes (run inside a fence) -----------------------------------------------------------
+
+
+def set_apply_state(apply_id: int, *, state: str, error: str | None) -> Update:
+    values: dict[str, Any] = {"state": state, "error": error, "updated_at": clock.now()}
+    if ApplyState(state).terminal:
+        values["finished_at"] = clock.now()
+    return applies.update().where(applies.c.id == apply_id).values(**values)
+
+
+def update_task(apply_id: int, task_id: int, *, epoch: int, values: Mapping[str, Any]) -> Update:
+    return (
+        apply_tasks.update()
+        .where(apply_tasks.c.id == task_id, apply_tasks.c.apply_id == apply_id)
+        .values(lease_epoch=epoch, **values)
+    )
+
+
+def append_log(apply_id: int, *, epoch: int, level: str, event: str, message: str) -> Insert:
+    return insert(apply_logs).values(
+        apply_id=apply_id,
+        lease_epoch=epoch,
+        level=level,
+        event=event,
+        message=message,
+        created_at=clock.now(),
+    )
+
+
+def update_comment(
+    apply_id: int, *, kind: str, epoch: int, github_comment_id: int, body_sha256: str
+) -> Update:
+    return (
+        apply_comments.update()
+        .where(apply_comments.c.apply_id == apply_id, apply_comments.c.kind == kind)
+        .values(
+            github_comment_id=github_comment_id,
+            edit_count=apply_comments.c.edit_count + 1,
+            last_epoch=epoch,
+            body_sha256=body_sha256,
+            updated_at=clock.now(),
+        )
+    )
+
+
+def insert_comment(
+    apply_id: int, *, kind: str, epoch: int, github_comment_id: int, body_sha256: str
+) -> Insert:
+    return insert(apply_comments).values(
+        apply_id=apply_id,
+        kind=kind,
+        github_comment_id=github_comment_id,
+        edit_count=0,
+        last_epoch=epoch,
+        body_sha256=body_sha256,
+        updated_at=clock.now(),
+    )
+
+
+def update_check(
+    apply_id: int, *, epoch: int, check_run_id: int, status: str, conclusion: str | None
+) -> Update:
+    return (
+        checks.update()
+        .where(checks.c.apply_id == apply_id)
+        .values(
+            github_check_run_id=check_run_id,
+            status=status,
+            conclusion=conclusion,
+            last_epoch=epoch,
+            updated_at=clock.now(),
+        )
+    )
+
+
+def insert_check(
+    apply_id: int, *, epoch: int, check_run_id: int, status: str, conclusion: str | None
+) -> Insert:
+    return insert(checks).values(
+        apply_id=apply_id,
+        github_check_run_id=check_run_id,
+        status=status,
+        conclusion=conclusion,
+        last_epoch=epoch,
+        updated_at=clock.now(),
+    )
+
+
+def finish_control_request(
+    apply_id: int, request_id: int, *, state: str, error: str | None
+) -> Update:
+    return (
+        control_requests.update()
+        .where(
+            control_requests.c.id == request_id,
+            control_requests.c.apply_id == apply_id,
+            control_requests.c.state == "pending",
+        )
+        .values(state=state, error=error, completed_at=clock.now())
+    )
+
+
+# --- submission and reads ------------------------------------------------------------------------
+
+
+def insert_apply(values: Mapping[str, Any]) -> Insert:
+    return insert(applies).values(
+        state=ApplyState.PENDING,
+        lease_epoch=0,
+        reclaim_count=0,
+        created_at=clock.now(),
+        updated_at=clock.now(),
+        **values,
+    )
+
+
+def insert_apply_tasks(apply_id: int, rows: Iterable[Mapping[str, Any]]) -> Insert:
+    return insert(apply_tasks).values(
+        [
+            {"apply_id": apply_id, "state": "pending", "progress": 0, "lease_epoch": 0, **row}
+            for row in rows
+        ]
+    )
+
+
+def apply_by_request_id(request_id: str) -> Select[Any]:
+    return select(applies.c.id).where(applies.c.request_id == request_id)
+
+
+def apply_row(apply_id: int) -> Select[Any]:
+    return select(
+        applies,
+        clock.age_of(applies.c.heartbeat_at).label("heartbeat_age"),
+    ).where(applies.c.id == apply_id)
+
+
+def apply_task_rows(apply_id: int) -> Select[Any]:
+    return (
+        select(apply_tasks)
+        .where(apply_tasks.c.apply_id == apply_id)
+        .order_by(apply_tasks.c.position)
+    )
+
+
+def log_rows(apply_id: int, *, after_id: int = 0, limit: int = 1000) -> Select[Any]:
+    return (
+        select(apply_logs)
+        .where(apply_logs.c.apply_id == apply_id, apply_logs.c.id > after_id)
+        .order_by(apply_logs.c.id)
+        .limit(limit)
+    )
+
+
+def lease_table(limit: int) -> Select[Any]:
+    return (
+        select(
+            applies.c.id,
+            applies.c.state,
+            applies.c.database_name,
+            applies.c.environment,
+            applies.c.lease_epoch,
+            applies.c.lease_owner,
+            applies.c.lease_token,
+            applies.c.reclaim_count,
+            clock.age_of(applies.c.heartbeat_at).label("heartbeat_age"),
+        )
+        .order_by(applies.c.id.desc())
+        .limit(limit)
+    )
+
+
+def db_time() -> Select[Any]:
+    return select(clock.now().label("now"))
+
+
+def comment_row(apply_id: int, kind: str) -> Select[Any]:
+    return select(apply_comments).where(
+        apply_comments.c.apply_id == apply_id, apply_comments.c.kind == kind
+    )
+
+
+def check_row(apply_id: int) -> Select[Any]:
+    return select(checks).where(checks.c.apply_id == apply_id)

@@ -1,0 +1,141 @@
+"""SQLAlchemy Core tables. The schema itself is created by the Alembic migrations, never by
+``metadata.create_all`` in production; a test checks the two agree."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    Computed,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects import mysql
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# Microsecond timestamps on MySQL: heartbeat ages and the order of rotations are finer than 1 s.
+Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+# SQLite only auto-increments an INTEGER PRIMARY KEY.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+LongText = Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
+
+TOKEN_LENGTH = 32  # 128 random bits, hex
+
+applies = Table(
+    "applies",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("state", String(16), nullable=False),
+    Column("database_name", String(128), nullable=False),
+    Column("environment", String(64), nullable=False),
+    Column("engine", String(32), nullable=False),
+    Column("repository", String(140), nullable=True),
+    Column("pull_request", Integer, nullable=True),
+    Column("head_sha", String(40), nullable=True),
+    Column("request_id", String(128), nullable=True, unique=True),
+    Column("lease_owner", String(255), nullable=True),
+    Column("lease_token", String(TOKEN_LENGTH), nullable=True),
+    Column("lease_epoch", Integer, nullable=False, server_default="0"),
+    Column("lease_acquired_at", Timestamp, nullable=True),
+    Column("heartbeat_at", Timestamp, nullable=True),
+    Column("reclaim_count", Integer, nullable=False, server_default="0"),
+    Column("error", Text, nullable=True),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+    Column("finished_at", Timestamp, nullable=True),
+    # The reclaim scan reads (state, heartbeat_at) ranges only: finished applies are never touched.
+    Index("ix_applies_state_heartbeat_at", "state", "heartbeat_at"),
+)
+
+apply_tasks = Table(
+    "apply_tasks",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("apply_id", Id, ForeignKey("applies.id"), nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("table_name", String(128), nullable=False),
+    Column("ddl", LongText, nullable=False),
+    Column("options", JSON, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("progress", Integer, nullable=False, server_default="0"),
+    Column("checkpoint", JSON, nullable=True),
+    Column("started_at", Timestamp, nullable=True),
+    Column("finished_at", Timestamp, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("lease_epoch", Integer, nullable=False, server_default="0"),
+    UniqueConstraint("apply_id", "position"),
+)
+
+apply_logs = Table(
+    "apply_logs",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("apply_id", Id, ForeignKey("applies.id"), nullable=False),
+    Column("lease_epoch", Integer, nullable=False),
+    Column("level", String(16), nullable=False),
+    Column("event", String(64), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Index("ix_apply_logs_apply_id_id", "apply_id", "id"),
+)
+
+apply_comments = Table(
+    "apply_comments",
+    metadata,
+    Column("apply_id", Id, ForeignKey("applies.id"), primary_key=True),
+    Column("kind", String(32), primary_key=True),
+    Column("github_comment_id", BigInteger, nullable=True),
+    Column("edit_count", Integer, nullable=False, server_default="0"),
+    Column("last_epoch", Integer, nullable=False),
+    Column("body_sha256", String(64), nullable=True),
+    Column("updated_at", Timestamp, nullable=False),
+)
+
+checks = Table(
+    "checks",
+    metadata,
+    Column("apply_id", Id, ForeignKey("applies.id"), primary_key=True),
+    Column("github_check_run_id", BigInteger, nullable=True),
+    Column("status", String(16), nullable=False),
+    Column("conclusion", String(16), nullable=True),
+    Column("last_epoch", Integer, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+)
+
+control_requests = Table(
+    "control_requests",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("apply_id", Id, ForeignKey("applies.id"), nullable=False),
+    Column("action", String(16), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("requested_by", String(255), nullable=True),
+    Column("created_at", Timestamp, nullable=False),
+    Column("completed_at", Timestamp, nullable=True),
+    Column("error", Text, nullable=True),
+    # NULL once the request is no longer pending; unique indexes ignore NULLs on both backends,
+    # so this allows at most one *pending* request per apply and action.
+    Column(
+        "pending_action",
+        String(16),
+        Computed("CASE WHEN state = 'pending' THEN action END", persisted=True),
+        nullable=True,
+    ),
+    UniqueConstraint("apply_id", "pending_action"),
+)

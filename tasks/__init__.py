@@ -1,0 +1,1 @@
+"""Celery application and task entry points (arrives with the Celery issue)."""

@@ -1,0 +1,98 @@
+"""Backends for the contract suite: every test taking ``db`` runs on real SQLite and real
+MariaDB/MySQL. A missing server is skipped locally with a loud reason, and fails when CI is set
+(dramatiq's fixtures do the same)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from storage import open_database
+from storage.engine import Database
+from storage.migrate import upgrade
+from tests import support
+
+CI = bool(os.environ.get("CI"))
+MYSQL_SERVER_URL = os.environ.get(
+    "LEASEHOLD_TEST_MYSQL_URL", "mysql+mysqldb://root@127.0.0.1:3306/"
+)
+
+
+def unavailable(reason: str) -> None:
+    """Skip locally; in CI a missing service is a failure, never a silent skip."""
+    if CI:
+        pytest.fail(f"CI is set but {reason}", pytrace=False)
+    pytest.skip(f"SKIPPED, NOT TESTED: {reason}")
+
+
+@pytest.fixture(scope="session")
+def mysql_server() -> Iterator[str]:
+    """A scratch database on the MySQL/MariaDB server, migrated; dropped at the end."""
+    try:
+        import MySQLdb  # noqa: F401
+    except ImportError as exc:
+        unavailable(f"mysqlclient is not installed ({exc}); run scripts/bootstrap.sh")
+    server = make_url(MYSQL_SERVER_URL)
+    name = f"leasehold_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(server.set(database=None), pool_pre_ping=True)
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
+    except Exception as exc:
+        admin.dispose()
+        unavailable(f"MySQL/MariaDB at {server.render_as_string()} is not reachable: {exc}")
+    url = server.set(database=name).render_as_string(hide_password=False)
+    db = open_database(url)
+    upgrade(db)
+    db.dispose()
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def sqlite_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'leasehold.sqlite3'}"
+    db = open_database(url)
+    upgrade(db)
+    db.dispose()
+    return url
+
+
+@pytest.fixture(params=["sqlite", "mysql"])
+def backend_url(request: pytest.FixtureRequest) -> str:
+    if request.param == "mysql":
+        return str(request.getfixturevalue("mysql_server"))
+    return str(request.getfixturevalue("sqlite_file"))
+
+
+@pytest.fixture
+def open_db(backend_url: str) -> Iterator[Callable[..., Database]]:
+    """Open more databases (own engines, own pools) on the same backend, e.g. at another
+    isolation level; all are disposed after the test."""
+    opened: list[Database] = []
+
+    def _open(**kwargs: object) -> Database:
+        db = open_database(backend_url, **kwargs)  # type: ignore[arg-type]
+        opened.append(db)
+        return db
+
+    yield _open
+    for db in opened:
+        db.dispose()
+
+
+@pytest.fixture
+def db(open_db: Callable[..., Database]) -> Database:
+    """A database on the current backend, emptied before the test."""
+    database = open_db()
+    support.wipe(database)
+    return database

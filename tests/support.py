@@ -1,0 +1,72 @@
+"""Helpers shared by the tests. Test-only SQL lives here, so that the suite can stage states
+(old heartbeats, snapshots) that production code never needs to."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select, text, update
+
+from leases import Lease, dispatch, redeem
+from storage import applies as applies_repo
+from storage.engine import Database
+from storage.tables import metadata
+
+# Children first, so that foreign keys never block a wipe.
+TABLES = ["control_requests", "checks", "apply_comments", "apply_logs", "apply_tasks", "applies"]
+
+
+def wipe(db: Database) -> None:
+    with db.transaction() as conn:
+        for name in TABLES:
+            conn.execute(metadata.tables[name].delete())
+
+
+def new_apply(db: Database, *, tasks: int = 2, request_id: str | None = None) -> int:
+    created = applies_repo.create(
+        db,
+        applies_repo.NewApply(
+            database_name="shop",
+            environment="staging",
+            engine="sleep",
+            request_id=request_id,
+            tasks=[
+                applies_repo.NewTask(f"t{i}", f"ALTER TABLE t{i} ADD c INT", {"seconds": 0.1})
+                for i in range(tasks)
+            ],
+        ),
+    )
+    return created.apply_id
+
+
+def running_lease(db: Database, *, tasks: int = 2, owner: str = "worker-1") -> Lease:
+    """An apply dispatched and redeemed: the lease of a running worker."""
+    lease = dispatch(db, new_apply(db, tasks=tasks))
+    redeem(db, lease, owner)
+    return lease
+
+
+def age_heartbeat(db: Database, apply_id: int, seconds: float) -> None:
+    """Move heartbeat_at ``seconds`` into the past by the database clock (no sleeping)."""
+    applies = metadata.tables["applies"]
+    if db.is_sqlite:
+        value: Any = text(f"strftime('%Y-%m-%d %H:%M:%f000', 'now', '-{float(seconds)} seconds')")
+    else:
+        value = text(f"NOW(6) - INTERVAL {int(seconds * 1_000_000)} MICROSECOND")
+    with db.transaction() as conn:
+        conn.execute(update(applies).where(applies.c.id == apply_id).values(heartbeat_at=value))
+
+
+def snapshot(db: Database) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every leasehold table, for 'nothing changed' assertions."""
+    out: dict[str, list[tuple[Any, ...]]] = {}
+    with db.transaction() as conn:
+        for name in TABLES:
+            table = metadata.tables[name]
+            order = list(table.primary_key.columns)
+            out[name] = [tuple(r) for r in conn.execute(select(table).order_by(*order))]
+    return out
+
+
+def task_ids(db: Database, apply_id: int) -> list[int]:
+    return [int(r["id"]) for r in applies_repo.tasks(db, apply_id)]
