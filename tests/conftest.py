@@ -4,6 +4,7 @@ MariaDB/MySQL. A missing server is skipped locally with a loud reason, and fails
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -33,10 +34,8 @@ def unavailable(reason: str) -> None:
 @pytest.fixture(scope="session")
 def mysql_server() -> Iterator[str]:
     """A scratch database on the MySQL/MariaDB server, migrated; dropped at the end."""
-    try:
-        import MySQLdb  # noqa: F401
-    except ImportError as exc:
-        unavailable(f"mysqlclient is not installed ({exc}); run scripts/bootstrap.sh")
+    if importlib.util.find_spec("MySQLdb") is None:
+        unavailable("mysqlclient is not installed; run scripts/bootstrap.sh")
     server = make_url(MYSQL_SERVER_URL)
     name = f"leasehold_test_{uuid.uuid4().hex[:10]}"
     admin = create_engine(server.set(database=None), pool_pre_ping=True)
