@@ -1,0 +1,398 @@
+"""What the fence costs: median latency of a fenced single-row write against the same write
+unfenced, on the same engine and pooled connection, interleaved so that noise hits both alike.
+
+Two writes, as the worker makes them:
+
+- progress: an apply task's progress update
+  (``with leases.fence(db, lease) as fx: storage.fenced.update_task(fx, task_id, progress=p)``
+  against ``storage.statements.update_task(...)`` in a plain ``db.transaction()``);
+- log: a log append (``storage.fenced.append_log`` against ``statements.append_log``).
+
+Each is also timed in the single-statement fenced shape of DESIGN.md ("The fence"): a multi-table
+``UPDATE apply_tasks, applies ... WHERE applies.lease_token = ...`` and an ``INSERT apply_logs
+SELECT ... FROM applies WHERE lease_token = ... LOCK IN SHARE MODE``. Those shapes are written
+here, not in ``storage``: they are measured for the trade-off, not used.
+
+The last line is ``fence_overhead_ratio_mariadb=<x>``: the *worse* of the two writes' ratios
+(median fenced / median plain) on MariaDB, or ``unavailable`` when no server answers.
+
+Run: ``.venv/bin/python bench/fence_overhead.py [--iterations N] [--backends mariadb,sqlite]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Insert, Update, event, insert, literal, select, text
+
+import leases
+from leases import Lease, LeaseLost
+from storage import clock, fenced, statements
+from storage.engine import Database, open_database
+from storage.states import ApplyState
+from storage.tables import applies, apply_logs, apply_tasks
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import _common
+
+WRITES = ("progress", "log")
+SHAPES = ("plain", "fenced", "single")
+SHAPE_DOC = {
+    "plain": "the write alone in db.transaction() (unfenced)",
+    "fenced": "leases.fence(): SELECT ... FOR UPDATE first, then the write (the API)",
+    "single": "one locking statement (UPDATE ... JOIN applies / INSERT ... SELECT ... SHARE)",
+}
+
+
+# --- the single-statement fenced shapes (measured, not used by leasehold) ------------------------
+
+
+def single_update_task(lease: Lease, task_id: int, progress: int) -> Update:
+    """``UPDATE apply_tasks, applies SET ... WHERE ... applies.lease_token = :token`` (MySQL) or
+    ``UPDATE apply_tasks SET ... FROM applies WHERE ...`` (SQLite): the lease check and the write
+    in one statement, which locks the apply row it reads on InnoDB."""
+    return (
+        apply_tasks.update()
+        .where(
+            apply_tasks.c.id == task_id,
+            apply_tasks.c.apply_id == applies.c.id,
+            applies.c.id == lease.apply_id,
+            applies.c.lease_token == lease.token,
+            applies.c.lease_epoch == lease.epoch,
+            applies.c.state == ApplyState.RUNNING,
+        )
+        .values({apply_tasks.c.progress: progress, apply_tasks.c.lease_epoch: lease.epoch})
+    )
+
+
+def single_append_log(lease: Lease, message: str) -> Insert:
+    """``INSERT INTO apply_logs (...) SELECT ... FROM applies WHERE lease_token = :token
+    LOCK IN SHARE MODE``: without the locking clause it is not fenced under READ COMMITTED."""
+    source = (
+        select(
+            applies.c.id,
+            literal(lease.epoch),
+            literal("info"),
+            literal("bench"),
+            literal(message),
+            clock.now(),
+        )
+        .where(
+            applies.c.id == lease.apply_id,
+            applies.c.lease_token == lease.token,
+            applies.c.lease_epoch == lease.epoch,
+            applies.c.state == ApplyState.RUNNING,
+        )
+        .with_for_update(read=True)
+    )
+    return insert(apply_logs).from_select(
+        ["apply_id", "lease_epoch", "level", "event", "message", "created_at"], source
+    )
+
+
+# --- the timed operations ------------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    """The six operations, each one transaction on ``db``, writing a value that differs from the
+    previous one (an unchanged row would let InnoDB skip the write and flatter that sample)."""
+
+    db: Database
+    lease: Lease
+    task_id: int
+    _counter: int = 0
+
+    def _next(self) -> int:
+        self._counter += 1
+        return self._counter
+
+    def progress_plain(self) -> None:
+        values = {"progress": self._next() % 101}
+        with self.db.transaction() as conn:
+            conn.execute(
+                statements.update_task(
+                    self.lease.apply_id, self.task_id, epoch=self.lease.epoch, values=values
+                )
+            )
+
+    def progress_fenced(self) -> None:
+        progress = self._next() % 101
+        with leases.fence(self.db, self.lease) as fx:
+            fenced.update_task(fx, self.task_id, progress=progress)
+
+    def progress_single(self) -> None:
+        progress = self._next() % 101
+        with self.db.transaction() as conn:
+            result = conn.execute(single_update_task(self.lease, self.task_id, progress))
+            _expect_one(result.rowcount, self.lease)
+
+    def log_plain(self) -> None:
+        message = f"bench line {self._next()}"
+        with self.db.transaction() as conn:
+            conn.execute(
+                statements.append_log(
+                    self.lease.apply_id,
+                    epoch=self.lease.epoch,
+                    level="info",
+                    event="bench",
+                    message=message,
+                )
+            )
+
+    def log_fenced(self) -> None:
+        message = f"bench line {self._next()}"
+        with leases.fence(self.db, self.lease) as fx:
+            fenced.append_log(fx, "bench", message)
+
+    def log_single(self) -> None:
+        message = f"bench line {self._next()}"
+        with self.db.transaction() as conn:
+            result = conn.execute(single_append_log(self.lease, message))
+            _expect_one(result.rowcount, self.lease)
+
+    def operation(self, write: str, shape: str) -> Callable[[], None]:
+        op: Callable[[], None] = getattr(self, f"{write}_{shape}")
+        return op
+
+
+def _expect_one(rowcount: int, lease: Lease) -> None:
+    # Correctness of the benchmark, not timing: a single-statement fence that matched no row
+    # would be timing a no-op.
+    if rowcount != 1:
+        raise LeaseLost(lease.apply_id, lease.epoch, reason=f"single statement matched {rowcount}")
+
+
+@dataclass
+class Result:
+    backend: str
+    description: str
+    iterations: int
+    samples: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    statements: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    # One more statement inside an open transaction: what the fence adds, as a floor.
+    round_trip: list[int] = field(default_factory=list)
+
+    def median(self, write: str, shape: str) -> float:
+        return _common.median_us(self.samples[write, shape])
+
+    def ratio(self, write: str, shape: str) -> float:
+        return _common.ratio(self.median(write, shape), self.median(write, "plain"))
+
+
+def _statement_kind(sql: str) -> str:
+    words = sql.split()
+    head = words[0].upper() if words else "?"
+    if head == "BEGIN":
+        return " ".join(words[:2]).upper()
+    upper = sql.upper()
+    if "FOR UPDATE" in upper:
+        return f"{head}..FOR UPDATE"
+    if "LOCK IN SHARE MODE" in upper or "FOR SHARE" in upper:
+        return f"{head}..SHARE"
+    return head
+
+
+def trace_statements(db: Database, op: Callable[[], None]) -> list[str]:
+    """The statements one run of ``op`` sends, in order, ending with COMMIT (outside timing)."""
+    seen: list[str] = []
+
+    def on_execute(conn: Connection, cursor: Any, sql: str, *args: Any) -> None:
+        seen.append(_statement_kind(sql))
+
+    def on_commit(conn: Connection) -> None:
+        seen.append("COMMIT")
+
+    event.listen(db.engine, "before_cursor_execute", on_execute)
+    event.listen(db.engine, "commit", on_commit)
+    try:
+        op()
+    finally:
+        event.remove(db.engine, "before_cursor_execute", on_execute)
+        event.remove(db.engine, "commit", on_commit)
+    return seen
+
+
+def orders(iteration: int) -> Iterator[tuple[str, str]]:
+    """The order of the six operations in one iteration: which write goes first alternates, and
+    the three shapes of each write rotate, so that no shape always follows the same one."""
+    writes = WRITES if iteration % 2 == 0 else WRITES[::-1]
+    k = iteration % len(SHAPES)
+    shapes = SHAPES[k:] + SHAPES[:k]
+    for write in writes:
+        for shape in shapes:
+            yield write, shape
+
+
+def measure(
+    backend: str, db: Database, description: str, *, iterations: int, warmup: int
+) -> Result:
+    lease, task_ids = _common.running_lease(db)
+    work = Workload(db, lease, task_ids[0])
+    result = Result(backend, description, iterations)
+    for write in WRITES:
+        for shape in SHAPES:
+            op = work.operation(write, shape)
+            result.statements[write, shape] = trace_statements(db, op)
+            result.samples[write, shape] = []
+    for i in range(warmup):
+        for write, shape in orders(i):
+            work.operation(write, shape)()
+    clock_ns = time.perf_counter_ns
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(iterations):
+            for write, shape in orders(i):
+                op = work.operation(write, shape)
+                start = clock_ns()
+                op()
+                result.samples[write, shape].append(clock_ns() - start)
+        with db.transaction() as conn:
+            probe = text("SELECT 1")
+            for _ in range(iterations):
+                start = clock_ns()
+                conn.execute(probe).scalar_one()
+                result.round_trip.append(clock_ns() - start)
+    finally:
+        gc.enable()
+    return result
+
+
+def report(result: Result) -> None:
+    print(f"== {result.description}")
+    print(f"   {result.iterations} interleaved iterations; latency of one whole transaction")
+    print(
+        f"   {'write':<9} {'shape':<7} {'median us':>10} {'p90 us':>9} {'vs plain':>9}  statements"
+    )
+    for write in WRITES:
+        for shape in SHAPES:
+            samples = result.samples[write, shape]
+            print(
+                f"   {write:<9} {shape:<7} {result.median(write, shape):>10.1f} "
+                f"{_common.percentile_us(samples, 0.9):>9.1f} "
+                f"{result.ratio(write, shape):>8.2f}x  "
+                f"{', '.join(result.statements[write, shape])}"
+            )
+    extra = _common.median_us(result.round_trip)
+    added = ", ".join(
+        f"{write} +{result.median(write, 'fenced') - result.median(write, 'plain'):.1f}"
+        for write in WRITES
+    )
+    print(
+        f"   one more statement in an open transaction (SELECT 1): median {extra:.1f} us; "
+        f"the fence added (median us): {added}"
+    )
+    for write in WRITES:
+        for shape in ("fenced", "single"):
+            print(f"fence_{shape}_{write}_ratio_{result.backend}={result.ratio(write, shape):.3f}")
+
+
+def describe(db: Database, isolation: str) -> str:
+    with db.transaction() as conn:
+        if db.is_sqlite:
+            version = conn.execute(text("SELECT sqlite_version()")).scalar_one()
+            mode = conn.execute(text("PRAGMA journal_mode")).scalar_one()
+            return f"SQLite {version} (journal_mode={mode}, synchronous=NORMAL, BEGIN IMMEDIATE)"
+        version = conn.execute(text("SELECT VERSION()")).scalar_one()
+        flush = conn.execute(text("SELECT @@innodb_flush_log_at_trx_commit")).scalar_one()
+    return (
+        f"MariaDB/MySQL {version} ({isolation}, innodb_flush_log_at_trx_commit={flush}, "
+        "mysqlclient, one pooled connection with pre-ping)"
+    )
+
+
+def run_backend(backend: str, args: argparse.Namespace) -> Result:
+    if backend == "mariadb":
+        scratch = _common.scratch_mysql(args.mysql_url)
+    else:
+        scratch = _common.scratch_sqlite()
+    with scratch as url:
+        if backend == "mariadb":
+            db = open_database(url, isolation_level=args.isolation, pool_size=1, max_overflow=0)
+        else:
+            db = open_database(url)
+        try:
+            return measure(
+                backend,
+                db,
+                describe(db, args.isolation),
+                iterations=args.iterations,
+                warmup=args.warmup,
+            )
+        finally:
+            db.dispose()
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=3000,
+        help="timed iterations per backend; each runs all six transactions (default 3000)",
+    )
+    parser.add_argument("--warmup", type=int, default=100, help="untimed iterations first")
+    parser.add_argument(
+        "--backends",
+        default="mariadb,sqlite",
+        help="comma-separated subset of mariadb,sqlite (default both)",
+    )
+    parser.add_argument(
+        "--isolation",
+        default="READ COMMITTED",
+        choices=["READ COMMITTED", "REPEATABLE READ"],
+        help="MariaDB isolation level (default READ COMMITTED, leasehold's default)",
+    )
+    parser.add_argument(
+        "--mysql-url",
+        default=_common.mysql_server_url(),
+        help=f"server URL; a scratch database is created there and dropped "
+        f"(default ${_common.MYSQL_SERVER_ENV} or {_common.DEFAULT_MYSQL_SERVER})",
+    )
+    args = parser.parse_args(argv)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = set(backends) - {"mariadb", "sqlite"}
+    if unknown or not backends:
+        parser.error(f"--backends: unknown {sorted(unknown)}; use mariadb and/or sqlite")
+    if args.iterations < 1 or args.warmup < 0:
+        parser.error("--iterations must be >= 1 and --warmup >= 0")
+    args.backend_list = backends
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    for key, doc in SHAPE_DOC.items():
+        print(f"shape {key:<7} {doc}")
+    headline = "unavailable"
+    started = time.perf_counter_ns()
+    for backend in args.backend_list:
+        try:
+            result = run_backend(backend, args)
+        except _common.BackendUnavailable as exc:
+            print(f"== {backend}: SKIPPED, NOT MEASURED: {exc}")
+            continue
+        report(result)
+        if backend == "mariadb":
+            worst = max(WRITES, key=lambda w: result.ratio(w, "fenced"))
+            headline = f"{result.ratio(worst, 'fenced'):.2f}"
+            print(
+                "headline: the worse of the two writes' fenced/plain median ratios on MariaDB "
+                f"(here: {worst}); goal <= 1.2"
+            )
+    elapsed = (time.perf_counter_ns() - started) / 1e9
+    print(f"total time {elapsed:.1f} s")
+    print(f"fence_overhead_ratio_mariadb={headline}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
