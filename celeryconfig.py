@@ -1,1 +1,162 @@
-"""Celery settings from LEASEHOLD_* environment variables (filled in by the Celery issue)."""
+"""Celery settings, from ``LEASEHOLD_*`` environment variables (12-factor).
+
+The defaults need no server: a SQLite database file, kombu's ``filesystem://`` transport and a
+SQLite result backend, all under the working directory (``var/``). Production sets
+``LEASEHOLD_DATABASE_URL=mysql+mysqldb://...``, ``LEASEHOLD_BROKER_URL=redis://...`` and
+``LEASEHOLD_RESULT_BACKEND=redis://...``.
+
+Ack policy: tasks are acknowledged when a worker receives them (Celery's default,
+``task_acks_late = False``), deliberately. The database is the truth and the broker a doorbell:
+a message lost with a dying worker only delays its apply, because reclaim re-dispatches a
+``running`` apply whose heartbeat went stale and a ``dispatched`` one nobody redeemed within
+``LEASEHOLD_DISPATCH_TIMEOUT``. Late acks would add nothing but redeliveries of hours-long tasks
+past the Redis visibility timeout (harmless, since redemption is a compare-and-swap, but noisy),
+and late acks with ``task_reject_on_worker_lost`` would requeue a worker-killing message forever.
+
+Imports nothing of leasehold's; ``tasks.settings`` reads the ``leasehold_*`` values below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class LeaseholdConfigError(ValueError):
+    """A LEASEHOLD_* variable is malformed or contradicts another one."""
+
+
+_env = os.environ
+_var = Path(_env.get("LEASEHOLD_VAR_DIR", "var")).absolute()
+
+
+def _number(name: str, default: float, *, integer: bool = False) -> float:
+    raw = _env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        kind = "a whole number" if integer else "a number of seconds"
+        raise LeaseholdConfigError(f"{name}={raw!r} is not {kind}") from None
+    if value < 0 or value != value or value in (float("inf"),):
+        raise LeaseholdConfigError(f"{name}={raw!r} must be a finite number >= 0")
+    return value
+
+
+def _targets(raw: str | None) -> dict[str, str]:
+    """A JSON object of target name -> SQLAlchemy URL, inline or in a file. URLs never come from
+    messages: a submitted apply names a target, and only names listed here can run."""
+    if raw is None or raw.strip() == "":
+        return {}
+    text = raw
+    if not raw.lstrip().startswith("{"):
+        try:
+            text = Path(raw).read_text()
+        except OSError as exc:
+            raise LeaseholdConfigError(f"LEASEHOLD_TARGETS: cannot read {raw!r}: {exc}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise LeaseholdConfigError(f"LEASEHOLD_TARGETS is not JSON: {exc}") from None
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in data.items()
+    ):
+        raise LeaseholdConfigError("LEASEHOLD_TARGETS must be a JSON object of name -> URL")
+    return data
+
+
+# --- leasehold's own settings ---------------------------------------------------------------------
+leasehold_database_url = (
+    _env.get("LEASEHOLD_DATABASE_URL") or f"sqlite:///{Path.cwd() / 'leasehold.sqlite3'}"
+)
+leasehold_heartbeat_interval = _number("LEASEHOLD_HEARTBEAT_INTERVAL", 5.0)
+leasehold_stale_after = _number("LEASEHOLD_STALE_AFTER", 30.0)
+leasehold_reclaim_interval = _number("LEASEHOLD_RECLAIM_INTERVAL", 5.0)
+leasehold_dispatch_timeout = _number("LEASEHOLD_DISPATCH_TIMEOUT", 600.0)
+leasehold_max_reclaims = int(_number("LEASEHOLD_MAX_RECLAIMS", 5, integer=True))
+leasehold_effect_timeout = _number("LEASEHOLD_EFFECT_TIMEOUT", 10.0)
+leasehold_effect_grace = _number("LEASEHOLD_EFFECT_GRACE", leasehold_effect_timeout + 2.0)
+leasehold_comment_interval = _number("LEASEHOLD_COMMENT_INTERVAL", 10.0)
+leasehold_github_api_url = _env.get("LEASEHOLD_GITHUB_API_URL") or "https://api.github.com"
+leasehold_targets = _targets(_env.get("LEASEHOLD_TARGETS"))
+
+for _name, _value in (
+    ("LEASEHOLD_HEARTBEAT_INTERVAL", leasehold_heartbeat_interval),
+    ("LEASEHOLD_STALE_AFTER", leasehold_stale_after),
+    ("LEASEHOLD_RECLAIM_INTERVAL", leasehold_reclaim_interval),
+    ("LEASEHOLD_DISPATCH_TIMEOUT", leasehold_dispatch_timeout),
+    ("LEASEHOLD_EFFECT_TIMEOUT", leasehold_effect_timeout),
+):
+    if _value <= 0:
+        raise LeaseholdConfigError(f"{_name} must be greater than 0")
+if leasehold_heartbeat_interval >= leasehold_stale_after:
+    raise LeaseholdConfigError(
+        f"LEASEHOLD_HEARTBEAT_INTERVAL ({leasehold_heartbeat_interval:g}s) must be shorter than "
+        f"LEASEHOLD_STALE_AFTER ({leasehold_stale_after:g}s): every healthy worker would be "
+        "reclaimed"
+    )
+if leasehold_effect_timeout >= leasehold_stale_after:
+    raise LeaseholdConfigError(
+        f"LEASEHOLD_EFFECT_TIMEOUT ({leasehold_effect_timeout:g}s) must be well under "
+        f"LEASEHOLD_STALE_AFTER ({leasehold_stale_after:g}s)"
+    )
+if leasehold_effect_grace <= leasehold_effect_timeout:
+    raise LeaseholdConfigError(
+        f"LEASEHOLD_EFFECT_GRACE ({leasehold_effect_grace:g}s) must be longer than "
+        f"LEASEHOLD_EFFECT_TIMEOUT ({leasehold_effect_timeout:g}s)"
+    )
+if leasehold_dispatch_timeout <= leasehold_reclaim_interval:
+    raise LeaseholdConfigError(
+        "LEASEHOLD_DISPATCH_TIMEOUT must be longer than LEASEHOLD_RECLAIM_INTERVAL"
+    )
+
+# --- Celery ---------------------------------------------------------------------------------------
+broker_url = _env.get("LEASEHOLD_BROKER_URL") or "filesystem://"
+if broker_url.startswith("filesystem://"):
+    _queue = _var / "broker" / "queue"
+    _processed = _var / "broker" / "processed"
+    for _folder in (_queue, _processed):
+        _folder.mkdir(parents=True, exist_ok=True)
+    broker_transport_options = {
+        "data_folder_in": str(_queue),
+        "data_folder_out": str(_queue),
+        "processed_folder": str(_processed),
+        "store_processed": False,
+        "control_folder": str(_var / "broker" / "control"),
+    }
+result_backend = _env.get("LEASEHOLD_RESULT_BACKEND") or f"db+sqlite:///{_var / 'results.sqlite3'}"
+if result_backend.startswith("db+sqlite:///"):
+    _var.mkdir(parents=True, exist_ok=True)
+
+accept_content = ["json"]
+task_serializer = "json"
+result_serializer = "json"
+event_serializer = "json"
+result_accept_content = ["json"]
+
+task_default_queue = "leasehold"
+task_track_started = True
+task_acks_late = False
+task_reject_on_worker_lost = False
+worker_prefetch_multiplier = 1
+# Threads, not prefork: a warm shutdown must reach the running applies (to hand them back), and
+# SIGSTOP of the worker must freeze its heartbeat too. Applies spend their time waiting on I/O.
+worker_pool = "threads"
+worker_concurrency = int(_number("LEASEHOLD_WORKER_CONCURRENCY", 4, integer=True)) or 4
+worker_send_task_events = True
+task_send_sent_event = True
+worker_hijack_root_logger = False
+broker_connection_retry_on_startup = True
+result_expires = 7 * 24 * 3600
+
+beat_schedule = {
+    "reclaim-stale-applies": {
+        "task": "leasehold.reclaim_stale_applies",
+        "schedule": leasehold_reclaim_interval,
+        # A pass that waited longer than one interval in the queue is superseded by the next.
+        "options": {"expires": leasehold_reclaim_interval},
+    },
+}
+beat_schedule_filename = str(_var / "celerybeat-schedule")

@@ -29,13 +29,16 @@ _TASK_COLUMNS: Final = frozenset(
 class Fenced:
     """An open transaction in which the apply's lease was proven current and its row is locked."""
 
-    __slots__ = ("_conn", "_open", "apply_id", "epoch")
+    __slots__ = ("_conn", "_open", "_token", "apply_id", "epoch")
 
-    def __init__(self, conn: Connection, apply_id: int, epoch: int, *, _proof: object) -> None:
+    def __init__(
+        self, conn: Connection, apply_id: int, epoch: int, token: str, *, _proof: object
+    ) -> None:
         if _proof is not _PROOF:
             raise FenceClosed("a Fenced handle is only made by fenced_transaction()")
         self._conn = conn
         self._open = True
+        self._token = token
         self.apply_id = apply_id
         self.epoch = epoch
 
@@ -65,7 +68,7 @@ def fenced_transaction(db: Database, apply_id: int, epoch: int, token: str) -> I
     """
     with db.transaction() as conn:
         leasing.fence(conn, apply_id, epoch, token)
-        handle = Fenced(conn, apply_id, epoch, _proof=_PROOF)
+        handle = Fenced(conn, apply_id, epoch, token, _proof=_PROOF)
         try:
             yield handle
         finally:
@@ -93,6 +96,28 @@ def update_task(fx: Fenced, task_id: int, **values: Any) -> None:
     )
     if result.rowcount != 1:
         raise RowNotFound(f"apply {fx.apply_id} has no apply task {task_id}")
+
+
+def start_task(fx: Fenced, task_id: int) -> None:
+    """Mark an apply task running (its first start time survives a resume)."""
+    result = fx.connection.execute(statements.start_task(fx.apply_id, task_id, epoch=fx.epoch))
+    if result.rowcount != 1:
+        raise RowNotFound(f"apply {fx.apply_id} has no apply task {task_id}")
+
+
+def finish_task(fx: Fenced, task_id: int, state: TaskState, *, error: str | None = None) -> None:
+    """End an apply task: completed (progress 100), failed or cancelled, at the DB's time."""
+    result = fx.connection.execute(
+        statements.finish_task(
+            fx.apply_id, task_id, epoch=fx.epoch, state=TaskState(state), error=error
+        )
+    )
+    if result.rowcount != 1:
+        raise RowNotFound(f"apply {fx.apply_id} has no apply task {task_id}")
+
+
+def cancel_unfinished_tasks(fx: Fenced) -> None:
+    fx.connection.execute(statements.cancel_unfinished_tasks(fx.apply_id, epoch=fx.epoch))
 
 
 def append_log(fx: Fenced, event: str, message: str, *, level: str = "info") -> None:
@@ -139,3 +164,27 @@ def finish_control_request(
     )
     if result.rowcount != 1:
         raise RowNotFound(f"apply {fx.apply_id} has no pending control request {request_id}")
+
+
+def end_lease(
+    fx: Fenced,
+    *,
+    new_token: str,
+    to_state: ApplyState,
+    event: str,
+    reason: str,
+    error: str | None = None,
+) -> int:
+    """Rotate the held lease away as the last write of the fenced transaction (stop, hand back,
+    a terminal state), so that the writes before it and the rotation commit together. Returns the
+    new epoch; the handle's epoch is no longer current once this commits."""
+    row = leasing.LeaseRow(fx.apply_id, ApplyState.RUNNING, fx.epoch, fx._token)
+    return leasing.rotate(
+        fx.connection,
+        row,
+        new_token=new_token,
+        to_state=to_state,
+        event=event,
+        reason=reason,
+        error=error,
+    )

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Select,
     Update,
     bindparam,
+    func,
     insert,
     select,
 )
@@ -361,3 +362,71 @@ def comment_row(apply_id: int, kind: str) -> Select[Any]:
 
 def check_row(apply_id: int) -> Select[Any]:
     return select(checks).where(checks.c.apply_id == apply_id)
+
+
+# --- apply task lifecycle (owned, run inside a fence) ---------------------------------------------
+
+
+def start_task(apply_id: int, task_id: int, *, epoch: int) -> Update:
+    """Mark an apply task running; the first start time is kept across resumes."""
+    return (
+        apply_tasks.update()
+        .where(apply_tasks.c.id == task_id, apply_tasks.c.apply_id == apply_id)
+        .values(
+            state="running",
+            lease_epoch=epoch,
+            started_at=func.coalesce(apply_tasks.c.started_at, clock.now()),
+            error=None,
+        )
+    )
+
+
+def finish_task(
+    apply_id: int, task_id: int, *, epoch: int, state: str, error: str | None
+) -> Update:
+    values: dict[str, Any] = {
+        "state": state,
+        "lease_epoch": epoch,
+        "error": error,
+        "finished_at": clock.now(),
+    }
+    if state == "completed":
+        values["progress"] = 100
+    return (
+        apply_tasks.update()
+        .where(apply_tasks.c.id == task_id, apply_tasks.c.apply_id == apply_id)
+        .values(**values)
+    )
+
+
+def cancel_unfinished_tasks(apply_id: int, *, epoch: int) -> Update:
+    return (
+        apply_tasks.update()
+        .where(apply_tasks.c.apply_id == apply_id, apply_tasks.c.state.in_(["pending", "running"]))
+        .values(state="cancelled", lease_epoch=epoch, finished_at=clock.now())
+    )
+
+
+# --- control requests ----------------------------------------------------------------------------
+
+
+def insert_control_request(apply_id: int, *, action: str, requested_by: str | None) -> Insert:
+    return insert(control_requests).values(
+        apply_id=apply_id,
+        action=action,
+        state="pending",
+        requested_by=requested_by,
+        created_at=clock.now(),
+    )
+
+
+def pending_control_requests(apply_id: int) -> Select[Any]:
+    return (
+        select(control_requests.c.id, control_requests.c.action)
+        .where(control_requests.c.apply_id == apply_id, control_requests.c.state == "pending")
+        .order_by(control_requests.c.id)
+    )
+
+
+def control_request_row(request_id: int) -> Select[Any]:
+    return select(control_requests).where(control_requests.c.id == request_id)

@@ -1,1 +1,8 @@
-"""Celery application and task entry points (arrives with the Celery issue)."""
+"""The Celery application and the task entry points; engines; the CLI.
+
+``celery -A tasks worker|beat|flower`` loads ``tasks.app``.
+"""
+
+from tasks.app import app
+
+__all__ = ["app"]

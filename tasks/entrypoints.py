@@ -1,0 +1,111 @@
+"""The public Celery tasks. Names and JSON kwargs are a contract with other apps."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from celery.exceptions import Ignore
+
+from leases import Lease, LeaseLost, redeem
+from storage import applies
+from storage.errors import InvalidLease
+from tasks import runtime, service
+from tasks.app import app
+from tasks.dispatcher import send_run
+from tasks.engines import make_engine
+from tasks.heartbeat import Heartbeat
+from tasks.interrupts import Interrupts
+from tasks.runner import ApplyRunner
+
+log = logging.getLogger(__name__)
+
+LEASE_LOST = "LEASE_LOST"  # a distinct final state, shown by Flower from the task event below
+PROGRESS = "PROGRESS"
+
+
+@app.task(name="leasehold.submit_apply", bind=True)
+def submit_apply(self: Any, **payload: Any) -> dict[str, int]:
+    apply_id = service.submit(runtime.database(), runtime.settings(), payload, send_run)
+    return {"apply_id": apply_id}
+
+
+@app.task(name="leasehold.control_apply")
+def control_apply(apply_id: Any, action: Any, requested_by: Any = None) -> dict[str, Any]:
+    return service.control_apply(runtime.database(), apply_id, action, requested_by, send_run)
+
+
+@app.task(name="leasehold.reclaim_stale_applies")
+def reclaim_stale_applies() -> int:
+    return service.reclaim_stale(runtime.database(), runtime.settings(), send_run)
+
+
+class _FlowerReporter:
+    """Progress for Flower: the task's state (result backend) and a ``task-progress`` event,
+    since Flower's event views show a custom state only from events."""
+
+    def __init__(self, task: Any, apply_id: int) -> None:
+        self.task = task
+        self.apply_id = apply_id
+
+    def progress(self, *, epoch: int, index: int, total: int, table: str, percent: int) -> None:
+        meta = {
+            "apply_id": self.apply_id,
+            "epoch": epoch,
+            "task": index + 1,
+            "tasks": total,
+            "table": table,
+            "percent": percent,
+        }
+        self.task.update_state(state=PROGRESS, meta=meta)
+        self.task.send_event("task-progress", **meta)
+
+
+@app.task(name="leasehold.run_apply", bind=True)
+def run_apply(self: Any, apply_id: Any, lease: Any) -> dict[str, Any]:
+    apply_id = service.require_id(apply_id)
+    held = Lease.from_json(lease)
+    if held.apply_id != apply_id:
+        raise InvalidLease(f"lease is for apply {held.apply_id}, not {apply_id}")
+    db = runtime.database()
+    settings = runtime.settings()
+    owner = f"{self.request.hostname or 'local'}/{os.getpid()}/{self.request.id}"
+    try:
+        redeem(db, held, owner)
+    except LeaseLost as exc:
+        # A duplicate or stale message: nothing was written, nothing to do.
+        log.info("run_apply %r not redeemed: %s", held, exc)
+        return {"apply_id": apply_id, "epoch": held.epoch, "outcome": "not_redeemed"}
+
+    engine = make_engine(applies.get(db, apply_id)["engine"], targets=settings.targets)
+    interrupts = Interrupts()
+    runtime.register_run(self.request.id, interrupts)
+    beat = Heartbeat(
+        db,
+        held,
+        interrupts,
+        interval=settings.heartbeat_interval,
+        stale_after=settings.stale_after,
+    )
+    beat.start()
+    try:
+        outcome = ApplyRunner(db, held, engine, interrupts, _FlowerReporter(self, apply_id)).run()
+    except LeaseLost as exc:
+        log.warning("run_apply %r: lease lost, stopping without further writes: %s", held, exc)
+        meta = {"apply_id": apply_id, "epoch": held.epoch, "reason": str(exc)}
+        self.update_state(state=LEASE_LOST, meta=meta)
+        self.send_event("task-lease_lost", **meta)
+        raise Ignore() from exc
+    finally:
+        beat.stop()
+        beat.join()
+        runtime.unregister_run(self.request.id)
+    if outcome.lease is not None:
+        send_run(outcome.lease)
+    return {
+        "apply_id": apply_id,
+        "epoch": held.epoch,
+        "outcome": str(outcome.state),
+        "error": outcome.error,
+    }

@@ -1,0 +1,220 @@
+"""Runs one redeemed apply: its unfinished apply tasks in order, through an engine.
+
+Every write is an owned write inside the fence of the held lease. The runner acts on interrupts
+at safe points (between apply tasks, and inside an engine, which sees ``interrupts.event``):
+stop and handover put the current task back to pending with its checkpoint and rotate the lease
+away; cancel ends the apply; a lost lease writes nothing more and raises ``LeaseLost``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from leases import Lease, fence, mint_token
+from storage import applies, control, fenced
+from storage.engine import Database
+from storage.errors import StorageBusy, StorageUnavailable
+from storage.fenced import Fenced
+from storage.states import ApplyState, ControlState, TaskState
+from tasks.engines import Engine, EngineCancelled, EngineContext, EngineError, TaskSpec
+from tasks.engines.base import Progress
+from tasks.interrupts import Interrupts, Reason
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+RETRY_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+class Reporter(Protocol):
+    """Where progress goes besides the database (Flower, in the Celery task)."""
+
+    def progress(self, *, epoch: int, index: int, total: int, table: str, percent: int) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    state: ApplyState
+    lease: Lease | None = None  # a handed-back apply's new lease, to be dispatched
+    error: str | None = None
+
+
+class ApplyRunner:
+    def __init__(
+        self,
+        db: Database,
+        lease: Lease,
+        engine: Engine,
+        interrupts: Interrupts,
+        reporter: Reporter,
+        *,
+        progress_interval: float = 1.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.db = db
+        self.lease = lease
+        self.engine = engine
+        self.interrupts = interrupts
+        self.reporter = reporter
+        self.progress_interval = progress_interval
+        self._monotonic = monotonic
+
+    def run(self) -> Outcome:
+        apply = applies.get(self.db, self.lease.apply_id)
+        rows = applies.tasks(self.db, self.lease.apply_id)
+        # A stop or cancel requested before this worker redeemed (e.g. while its predecessor was
+        # dying) is acted on before any work.
+        for request in control.pending(self.db, self.lease.apply_id):
+            if request.action in ("stop", "cancel"):
+                self.interrupts.interrupt(Reason(str(request.action)), request_id=request.id)
+        total = len(rows)
+        for index, row in enumerate(rows):
+            if row["state"] == TaskState.COMPLETED:
+                continue
+            if self.interrupts.event.is_set():
+                return self._interrupted(None)
+            spec = TaskSpec(
+                id=int(row["id"]),
+                position=int(row["position"]),
+                table_name=row["table_name"],
+                ddl=row["ddl"],
+                options=row["options"] or {},
+                database=apply["database_name"],
+                checkpoint=row["checkpoint"],
+                progress=int(row["progress"]),
+            )
+            outcome = self._run_task(spec, index, total)
+            if outcome is not None:
+                return outcome
+        return self._end(ApplyState.COMPLETED, "completed", f"all {total} apply tasks completed")
+
+    def _run_task(self, spec: TaskSpec, index: int, total: int) -> Outcome | None:
+        label = f"task {index + 1}/{total}: {spec.table_name}"
+
+        def start(fx: Fenced) -> None:
+            fenced.start_task(fx, spec.id)
+            fenced.append_log(fx, "task_started", label)
+
+        self._write(start)
+        self._report(index, total, spec, spec.progress)
+        if self.engine.already_applied(spec):
+            self._write(lambda fx: self._complete_task(fx, spec, "task_skipped", label))
+            return None
+        ctx = EngineContext(
+            progress=self._progress_writer(spec, index, total), cancelled=self.interrupts.event
+        )
+        try:
+            self.engine.run(spec, ctx)
+        except EngineCancelled:
+            return self._interrupted(spec)
+        except EngineError as exc:
+            return self._end(ApplyState.FAILED, "failed", str(exc), failed_task=spec)
+        self._write(lambda fx: self._complete_task(fx, spec, "task_completed", label))
+        self._report(index, total, spec, 100)
+        return None
+
+    @staticmethod
+    def _complete_task(fx: Fenced, spec: TaskSpec, event: str, label: str) -> None:
+        fenced.finish_task(fx, spec.id, TaskState.COMPLETED)
+        fenced.append_log(fx, event, label)
+
+    def _report(self, index: int, total: int, spec: TaskSpec, percent: int) -> None:
+        self.reporter.progress(
+            epoch=self.lease.epoch, index=index, total=total, table=spec.table_name, percent=percent
+        )
+
+    def _progress_writer(self, spec: TaskSpec, index: int, total: int) -> Progress:
+        last_write = [float("-inf")]
+
+        def write(percent: int, checkpoint: Mapping[str, Any] | None = None) -> None:
+            self.interrupts.raise_if_lost()
+            now = self._monotonic()
+            # Throttled: a checkpoint every progress_interval is plenty to resume from, and keeps
+            # the row lock (which a rotation waits for) free nearly all the time.
+            if now - last_write[0] < self.progress_interval and percent < 100:
+                return
+            last_write[0] = now
+            values: dict[str, Any] = {"progress": max(0, min(100, int(percent)))}
+            if checkpoint is not None:
+                values["checkpoint"] = dict(checkpoint)
+            self._write(lambda fx: fenced.update_task(fx, spec.id, **values))
+            self._report(index, total, spec, values["progress"])
+
+        return write
+
+    def _write(self, body: Callable[[Fenced], T]) -> T:
+        """Run ``body`` inside the fence, retrying while the database is unreachable or busy.
+
+        A connection error is not a lost lease; the retries end when the heartbeat thread proves
+        the lease lost, or presumes it lost after ``stale_after`` without a heartbeat.
+        """
+        attempt = 0
+        while True:
+            self.interrupts.raise_if_lost()
+            try:
+                with fence(self.db, self.lease) as fx:
+                    return body(fx)
+            except (StorageUnavailable, StorageBusy) as exc:
+                delay = RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)]
+                attempt += 1
+                log.warning("apply %s: owned write failed, retrying: %s", self.lease.apply_id, exc)
+                time.sleep(delay)
+
+    def _interrupted(self, spec: TaskSpec | None) -> Outcome:
+        self.interrupts.raise_if_lost()
+        reason = self.interrupts.reason
+        if reason == Reason.CANCEL:
+            return self._end(ApplyState.CANCELLED, "cancelled", "cancelled by request")
+        stopping = reason == Reason.STOP
+        target = ApplyState.STOPPED if stopping else ApplyState.DISPATCHED
+        token = mint_token()
+
+        def hand_over(fx: Fenced) -> int:
+            if spec is not None:
+                # Back to pending with its checkpoint: the next holder resumes it.
+                fenced.update_task(fx, spec.id, state=TaskState.PENDING)
+            self._finish_request(fx)
+            return fenced.end_lease(
+                fx,
+                new_token=token,
+                to_state=target,
+                event="stopped" if stopping else "handed_back",
+                reason="stopped by request" if stopping else "worker shutting down: handed back",
+            )
+
+        epoch = self._write(hand_over)
+        log.info("apply %s %s at a safe point", self.lease.apply_id, target)
+        if stopping:
+            return Outcome(target)
+        return Outcome(target, lease=Lease(self.lease.apply_id, epoch, token))
+
+    def _finish_request(self, fx: Fenced) -> None:
+        if self.interrupts.request_id is not None:
+            fenced.finish_control_request(
+                fx, self.interrupts.request_id, state=ControlState.COMPLETED
+            )
+
+    def _end(
+        self, state: ApplyState, event: str, reason: str, *, failed_task: TaskSpec | None = None
+    ) -> Outcome:
+        """The terminal write: the failed task recorded, the remaining ones cancelled, a control
+        request completed and the lease rotated away, in one fenced transaction."""
+        error = reason if state == ApplyState.FAILED else None
+
+        def end(fx: Fenced) -> None:
+            if failed_task is not None:
+                fenced.finish_task(fx, failed_task.id, TaskState.FAILED, error=error)
+            if state != ApplyState.COMPLETED:
+                fenced.cancel_unfinished_tasks(fx)
+            if state == ApplyState.CANCELLED:
+                self._finish_request(fx)
+            fenced.end_lease(
+                fx, new_token=mint_token(), to_state=state, event=event, reason=reason, error=error
+            )
+
+        self._write(end)
+        log.info("apply %s %s: %s", self.lease.apply_id, state, reason)
+        return Outcome(state, error=error)

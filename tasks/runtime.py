@@ -1,0 +1,82 @@
+"""Per-process resources of a worker (or of the CLI): settings, the database, the runs in flight.
+
+The database is opened lazily and again in every forked child, so that no two processes ever
+share a pooled connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery.signals import worker_process_init, worker_shutting_down
+
+from storage.engine import Database, open_database
+from tasks.app import app
+from tasks.interrupts import Interrupts, Reason
+from tasks.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_db: Database | None = None
+_settings: Settings | None = None
+_runs: dict[str, Interrupts] = {}
+
+
+def settings() -> Settings:
+    global _settings
+    with _lock:
+        if _settings is None:
+            _settings = Settings.from_conf(app.conf)
+        return _settings
+
+
+def database() -> Database:
+    global _db
+    current = settings()
+    with _lock:
+        if _db is None:
+            _db = open_database(current.database_url, pool_size=10)
+        return _db
+
+
+def register_run(task_id: str, interrupts: Interrupts) -> None:
+    with _lock:
+        _runs[task_id] = interrupts
+
+
+def unregister_run(task_id: str) -> None:
+    with _lock:
+        _runs.pop(task_id, None)
+
+
+def hand_back_all() -> int:
+    """Ask every apply running in this process to stop at a safe point and hand itself back."""
+    with _lock:
+        runs = list(_runs.values())
+    for interrupts in runs:
+        interrupts.interrupt(Reason.HANDOVER)
+    return len(runs)
+
+
+def _reset_after_fork(**_: Any) -> None:
+    global _db
+    with _lock:
+        if _db is not None:
+            _db.engine.dispose(close=False)  # the parent's connections stay the parent's
+        _db = None
+
+
+def _on_warm_shutdown(sig: str = "", how: str = "", exitcode: int = 0, **_: Any) -> None:
+    # Celery waits for running tasks on a warm shutdown; ours then stop at a safe point and hand
+    # their applies back, so another worker resumes them at once instead of after stale_after.
+    if how == "Warm":
+        count = hand_back_all()
+        if count:
+            log.warning("warm shutdown (%s): handing back %d running applies", sig, count)
+
+
+worker_process_init.connect(_reset_after_fork, weak=False)
+worker_shutting_down.connect(_on_warm_shutdown, weak=False)

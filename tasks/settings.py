@@ -1,0 +1,47 @@
+"""Typed leasehold settings, read from the Celery app's configuration (``celeryconfig``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from leases import ReclaimPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    database_url: str
+    heartbeat_interval: float = 5.0
+    stale_after: float = 30.0
+    reclaim_interval: float = 5.0
+    dispatch_timeout: float = 600.0
+    max_reclaims: int = 5
+    effect_timeout: float = 10.0
+    effect_grace: float = 12.0
+    comment_interval: float = 10.0
+    github_api_url: str = "https://api.github.com"
+    targets: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_conf(cls, conf: Any) -> Settings:
+        return cls(
+            database_url=conf.leasehold_database_url,
+            heartbeat_interval=float(conf.leasehold_heartbeat_interval),
+            stale_after=float(conf.leasehold_stale_after),
+            reclaim_interval=float(conf.leasehold_reclaim_interval),
+            dispatch_timeout=float(conf.leasehold_dispatch_timeout),
+            max_reclaims=int(conf.leasehold_max_reclaims),
+            effect_timeout=float(conf.leasehold_effect_timeout),
+            effect_grace=float(conf.leasehold_effect_grace),
+            comment_interval=float(conf.leasehold_comment_interval),
+            github_api_url=str(conf.leasehold_github_api_url),
+            targets=dict(conf.leasehold_targets),
+        )
+
+    @property
+    def reclaim_policy(self) -> ReclaimPolicy:
+        return ReclaimPolicy(
+            stale_after=self.stale_after,
+            dispatch_timeout=self.dispatch_timeout,
+            max_reclaims=self.max_reclaims,
+        )
