@@ -3,26 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from storage import applies, migrate
 from storage.engine import Database, open_database, redact
-from storage.errors import LeaseholdError
+from storage.errors import InvalidInput, LeaseholdError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        db = open_database()
+        if args.func in _WITHOUT_DATABASE:
+            result: int = args.func(None, args)
+            return result
+        from tasks import runtime  # the Celery configuration validates LEASEHOLD_* on import
+
+        db = open_database(runtime.settings().database_url)
         try:
-            result: int = args.func(db, args)
+            result = args.func(db, args)
         finally:
             db.dispose()
     except LeaseholdError as exc:
         print(f"leasehold: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:  # celeryconfig's LeaseholdConfigError
+        print(f"leasehold: configuration: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
     return result
 
 
@@ -33,9 +46,28 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("migrate", help="upgrade the configured database to the newest schema")
     p.set_defaults(func=_migrate)
-    p = sub.add_parser("status", help="show the lease table of recent applies")
+    p = sub.add_parser("submit", help="submit the apply described by a JSON file")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=_submit)
+    p = sub.add_parser("status", help="the lease table, or one apply with its tasks")
+    p.add_argument("apply_id", type=int, nargs="?")
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(func=_status)
+    p = sub.add_parser("logs", help="an apply's log, with the lease epoch of each line")
+    p.add_argument("apply_id", type=int)
+    p.set_defaults(func=_logs)
+    for action in ("stop", "resume", "cancel"):
+        p = sub.add_parser(action, help=f"{action} an apply")
+        p.add_argument("apply_id", type=int)
+        p.add_argument("--by", default=None, help="who asks (recorded with the request)")
+        p.set_defaults(func=_control, action=action)
+    p = sub.add_parser("run", help="run a worker and beat (and Flower if installed) here")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--no-flower", action="store_true")
+    p.set_defaults(func=_run)
+    p = sub.add_parser("demo", help="a scripted tour: a worker is killed, beat reclaims, ...")
+    p.add_argument("--dir", type=Path, default=Path("var/demo"))
+    p.set_defaults(func=_demo)
     return parser
 
 
@@ -49,23 +81,102 @@ def _migrate(db: Database, args: argparse.Namespace) -> int:
     return 0
 
 
+def _submit(db: Database, args: argparse.Namespace) -> int:
+    from tasks import runtime, service
+    from tasks.dispatcher import send_run
+
+    try:
+        payload: Any = json.loads(args.file.read_text())
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {args.file}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise InvalidInput(f"{args.file} is not JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise InvalidInput(f"{args.file} must hold a JSON object")
+    apply_id = service.submit(db, runtime.settings(), payload, send_run)
+    print(json.dumps({"apply_id": apply_id}))
+    return 0
+
+
 def _status(db: Database, args: argparse.Namespace) -> int:
+    if args.apply_id is not None:
+        return _status_one(db, args.apply_id)
     rows = applies.lease_table(db, limit=args.limit)
-    header = f"{'id':>6}  {'state':<10}  {'epoch':>5}  {'token':<8}  {'owner':<24}  heartbeat"
-    print(header)
+    print(f"{'id':>6}  {'state':<10}  {'epoch':>5}  {'token':<8}  {'owner':<40}  heartbeat")
     for row in rows:
-        token = (row["lease_token"] or "")[:6]
-        age = row["heartbeat_age"]
-        beat = "-" if age is None else f"{age:.1f}s ago"
-        owner = row["lease_owner"] or "-"
         print(
-            f"{row['id']:>6}  {row['state']:<10}  {row['lease_epoch']:>5}  {token:<8}  "
-            f"{owner:<24}  {beat}"
+            f"{row['id']:>6}  {row['state']:<10}  {row['lease_epoch']:>5}  "
+            f"{_token(row['lease_token']):<8}  {(row['lease_owner'] or '-')[:40]:<40}  "
+            f"{_age(row['heartbeat_age'])}"
         )
     if not rows:
         print("(no applies yet)")
     return 0
 
+
+def _status_one(db: Database, apply_id: int) -> int:
+    row = applies.get(db, apply_id)
+    print(f"apply {row['id']}: {row['state']}  ({row['database_name']} in {row['environment']})")
+    print(f"  lease epoch {row['lease_epoch']}, token {_token(row['lease_token'])}…, ", end="")
+    print(f"owner {row['lease_owner'] or '-'}, heartbeat {_age(row['heartbeat_age'])}")
+    print(
+        f"  reclaims {row['reclaim_count']}" + (f", error: {row['error']}" if row["error"] else "")
+    )
+    for task in applies.tasks(db, apply_id):
+        print(
+            f"  {task['position'] + 1:>3}. {task['table_name']:<30} {task['state']:<10} "
+            f"{task['progress']:>3}%  (epoch {task['lease_epoch']})"
+            + (f"  {task['error']}" if task["error"] else "")
+        )
+    return 0
+
+
+def _logs(db: Database, args: argparse.Namespace) -> int:
+    applies.get(db, args.apply_id)
+    after = 0
+    while True:
+        rows = applies.logs(db, args.apply_id, after_id=after)
+        for row in rows:
+            print(
+                f"{row['id']:>6}  {row['created_at']}  epoch {row['lease_epoch']:>3}  "
+                f"{row['level']:<5}  {row['event']:<16} {row['message']}"
+            )
+        if len(rows) < 1000:
+            return 0
+        after = int(rows[-1]["id"])
+
+
+def _control(db: Database, args: argparse.Namespace) -> int:
+    from tasks import service
+    from tasks.dispatcher import send_run
+
+    result = service.control_apply(db, args.apply_id, args.action, args.by, send_run)
+    print(json.dumps(result))
+    return 0 if result["request_state"] != "failed" else 1
+
+
+def _run(db: Database, args: argparse.Namespace) -> int:
+    from tasks.processes import run_foreground
+
+    migrate.upgrade(db)
+    return run_foreground(workers=args.workers, flower=not args.no_flower)
+
+
+def _demo(db: None, args: argparse.Namespace) -> int:
+    from tasks.demo import run_demo
+
+    return run_demo(args.dir)
+
+
+def _token(token: str | None) -> str:
+    return (token or "")[:6] or "-"
+
+
+def _age(age: float | None) -> str:
+    return "-" if age is None else f"{age:.1f}s ago"
+
+
+_WITHOUT_DATABASE = {_demo}
 
 if __name__ == "__main__":
     raise SystemExit(main())
