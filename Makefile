@@ -6,10 +6,9 @@ PYTEST_ARGS ?=
 
 .PHONY: run test lint typecheck pytest bench clean
 
-## run: migrate the embedded SQLite database and show its lease table
+## run: the main job on the embedded default (SQLite + filesystem broker): `leasehold demo`
 run: $(STAMP)
-	$(BIN)/leasehold migrate
-	$(BIN)/leasehold status
+	$(BIN)/leasehold demo
 
 ## test: ruff, mypy and pytest (MariaDB and Redis on 127.0.0.1 are used when they answer)
 test: lint typecheck pytest

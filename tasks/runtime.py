@@ -42,6 +42,15 @@ def database() -> Database:
         return _db
 
 
+def reset() -> None:
+    """Forget the cached settings and database (after ``app.conf`` changed, e.g. in tests)."""
+    global _db, _settings
+    with _lock:
+        if _db is not None:
+            _db.dispose()
+        _db, _settings = None, None
+
+
 def register_run(task_id: str, interrupts: Interrupts) -> None:
     with _lock:
         _runs[task_id] = interrupts
