@@ -87,10 +87,15 @@ def update_task(fx: Fenced, task_id: int, **values: Any) -> None:
     if unknown:
         raise InvalidInput(f"unknown apply task columns: {sorted(unknown)}")
     if "state" in values:
-        values["state"] = TaskState(values["state"]).value
-    progress = values.get("progress")
-    if progress is not None and not (isinstance(progress, int) and 0 <= progress <= 100):
-        raise InvalidInput(f"progress must be an int from 0 to 100, not {progress!r}")
+        try:
+            values["state"] = TaskState(values["state"]).value
+        except ValueError as exc:
+            raise InvalidInput(f"unknown apply task state {values['state']!r}") from exc
+    if "progress" in values:
+        progress = values["progress"]
+        # bool is an int subclass; None would only fail later, as a NOT NULL violation.
+        if isinstance(progress, bool) or not (isinstance(progress, int) and 0 <= progress <= 100):
+            raise InvalidInput(f"progress must be an int from 0 to 100, not {progress!r}")
     result = fx.connection.execute(
         statements.update_task(fx.apply_id, task_id, epoch=fx.epoch, values=values)
     )
