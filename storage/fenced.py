@@ -184,7 +184,7 @@ def end_lease(
     a terminal state), so that the writes before it and the rotation commit together. Returns the
     new epoch; the handle's epoch is no longer current once this commits."""
     row = leasing.LeaseRow(fx.apply_id, ApplyState.RUNNING, fx.epoch, fx._token)
-    return leasing.rotate(
+    epoch = leasing.rotate(
         fx.connection,
         row,
         new_token=new_token,
@@ -193,3 +193,7 @@ def end_lease(
         reason=reason,
         error=error,
     )
+    # The handle's lease is gone: a write after the rotation would be stamped with the old epoch
+    # after the rotation's log line (invariant 5). It raises FenceClosed, rolling the block back.
+    fx._close()
+    return epoch
