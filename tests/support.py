@@ -70,3 +70,38 @@ def snapshot(db: Database) -> dict[str, list[tuple[Any, ...]]]:
 
 def task_ids(db: Database, apply_id: int) -> list[int]:
     return [int(r["id"]) for r in applies_repo.tasks(db, apply_id)]
+
+
+# --- added for the contract suite ---------------------------------------------------------------
+
+
+def insert_control_request(
+    db: Database, apply_id: int, *, action: str = "stop", state: str = "pending"
+) -> int:
+    """A control request row, written directly (recording requests belongs to a later issue)."""
+    control_requests = metadata.tables["control_requests"]
+    now = text("CURRENT_TIMESTAMP")
+    with db.transaction() as conn:
+        result = conn.execute(
+            control_requests.insert().values(
+                apply_id=apply_id,
+                action=action,
+                state=state,
+                requested_by="tests",
+                created_at=now,
+            )
+        )
+        (request_id,) = result.inserted_primary_key or (None,)
+    assert request_id is not None
+    return int(request_id)
+
+
+def lease_of(db: Database, apply_id: int) -> tuple[str, int, str | None, str | None]:
+    """(state, epoch, token, owner) of an apply as stored."""
+    row = applies_repo.get(db, apply_id)
+    return row["state"], row["lease_epoch"], row["lease_token"], row["lease_owner"]
+
+
+def log_events(db: Database, apply_id: int) -> list[tuple[int, str]]:
+    """(lease_epoch, event) of every log line of an apply, in id order."""
+    return [(int(r["lease_epoch"]), str(r["event"])) for r in applies_repo.logs(db, apply_id)]
