@@ -1,0 +1,562 @@
+"""Every owned write in storage.fenced: lands with the current lease, fails closed otherwise.
+
+"Fails closed" means the exact error class and not one row of any table changed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text, update
+
+from leases import (
+    ApplyNotFound,
+    Lease,
+    LeaseLost,
+    ReclaimPolicy,
+    fence,
+    hand_back,
+    mint_token,
+    reclaim,
+    redeem,
+    release,
+)
+from storage import applies as applies_repo
+from storage import fenced, open_database
+from storage.engine import Database
+from storage.errors import FenceClosed, LeaseholdError, RowNotFound
+from storage.fenced import Fenced
+from storage.states import ApplyState, ControlState, TaskState
+from storage.tables import apply_logs, apply_tasks
+from tests import support
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one owned write aims at: the apply's first task and its pending control request."""
+
+    task_id: int
+    request_id: int
+
+
+Write = Callable[[Fenced, Target], object]
+
+WRITES: dict[str, Write] = {
+    "set_apply_state": lambda fx, t: fenced.set_apply_state(
+        fx, ApplyState.FAILED, error="engine crashed"
+    ),
+    "update_task": lambda fx, t: fenced.update_task(
+        fx, t.task_id, state="running", progress=55, checkpoint={"row": 10}
+    ),
+    "append_log": lambda fx, t: fenced.append_log(fx, "progress", "55% done"),
+    "record_comment": lambda fx, t: fenced.record_comment(
+        fx, kind="summary", github_comment_id=1001, body_sha256="ab" * 32
+    ),
+    "record_check": lambda fx, t: fenced.record_check(fx, check_run_id=2002, status="in_progress"),
+    "finish_control_request": lambda fx, t: fenced.finish_control_request(
+        fx, t.request_id, state=ControlState.COMPLETED
+    ),
+    "start_task": lambda fx, t: fenced.start_task(fx, t.task_id),
+    "finish_task": lambda fx, t: fenced.finish_task(fx, t.task_id, TaskState.COMPLETED),
+    "cancel_unfinished_tasks": lambda fx, t: fenced.cancel_unfinished_tasks(fx),
+    # Last: it rotates the lease away and closes the handle.
+    "end_lease": lambda fx, t: fenced.end_lease(
+        fx, new_token=mint_token(), to_state=ApplyState.STOPPED, event="stopped", reason="tests"
+    ),
+}
+
+
+def bound(write: Write, target: Target) -> Callable[[Fenced], object]:
+    return lambda fx: write(fx, target)
+
+
+def in_fence(db: Database, lease: Lease, *writes: Callable[[Fenced], object]) -> None:
+    """Run ``writes`` in order in one fenced transaction."""
+    with fence(db, lease) as fx:
+        for write in writes:
+            write(fx)
+
+
+def _target(db: Database, apply_id: int) -> Target:
+    return Target(
+        task_id=support.task_ids(db, apply_id)[0],
+        request_id=support.insert_control_request(db, apply_id, action="stop"),
+    )
+
+
+def _forged(lease: Lease) -> Lease:
+    return Lease(lease.apply_id, lease.epoch, mint_token())
+
+
+def _after_hand_back(db: Database, lease: Lease) -> Lease:
+    hand_back(db, lease, reason="tests")
+    return lease
+
+
+def _after_hand_back_and_redeem(db: Database, lease: Lease) -> Lease:
+    # The apply is running again, under another worker: only the token tells the two apart.
+    redeem(db, hand_back(db, lease, reason="tests"), "worker-2")
+    return lease
+
+
+def _after_release(db: Database, lease: Lease) -> Lease:
+    release(db, lease, reason="tests")
+    return lease
+
+
+def _after_reclaim(db: Database, lease: Lease) -> Lease:
+    support.age_heartbeat(db, lease.apply_id, 120)
+    (done,) = reclaim(db, ReclaimPolicy(stale_after=60))
+    assert done.apply_id == lease.apply_id
+    return lease
+
+
+def _forged_token(db: Database, lease: Lease) -> Lease:
+    return _forged(lease)
+
+
+def _forged_next_epoch(db: Database, lease: Lease) -> Lease:
+    return Lease(lease.apply_id, lease.epoch + 1, mint_token())
+
+
+def _unknown_apply(db: Database, lease: Lease) -> Lease:
+    return Lease(lease.apply_id + 10_000, lease.epoch, mint_token())
+
+
+STALE: dict[str, tuple[Callable[[Database, Lease], Lease], type[LeaseholdError]]] = {
+    "hand_back": (_after_hand_back, LeaseLost),
+    "hand_back+redeem": (_after_hand_back_and_redeem, LeaseLost),
+    "release": (_after_release, LeaseLost),
+    "reclaim": (_after_reclaim, LeaseLost),
+    "forged_token": (_forged_token, LeaseLost),
+    "forged_next_epoch": (_forged_next_epoch, LeaseLost),
+    "unknown_apply": (_unknown_apply, ApplyNotFound),
+}
+
+
+@pytest.mark.parametrize("how", list(STALE))
+@pytest.mark.parametrize("write", list(WRITES))
+def test_write_fails_closed(db: Database, write: str, how: str) -> None:
+    lease = support.running_lease(db)
+    target = _target(db, lease.apply_id)
+    make_stale, expected = STALE[how]
+    stale = make_stale(db, lease)
+    before = support.snapshot(db)
+    entered = False
+
+    def attempt() -> None:
+        nonlocal entered
+        with fence(db, stale) as fx:
+            entered = True
+            WRITES[write](fx, target)
+
+    with pytest.raises(LeaseholdError) as caught:
+        attempt()
+
+    assert type(caught.value) is expected
+    assert not entered, "the block must not run under a lease that is not current"
+    assert support.snapshot(db) == before
+
+
+@pytest.mark.parametrize("write", list(WRITES))
+def test_write_fails_closed_on_a_dispatched_lease_nobody_redeemed(db: Database, write: str) -> None:
+    """The fence admits running applies only: a dispatched lease must be redeemed first."""
+    lease = support.running_lease(db)
+    target = _target(db, lease.apply_id)
+    new = hand_back(db, lease, reason="tests")
+    before = support.snapshot(db)
+    with pytest.raises(LeaseLost), fence(db, new) as fx:
+        WRITES[write](fx, target)
+    assert support.snapshot(db) == before
+
+
+@pytest.mark.parametrize("write", list(WRITES))
+def test_write_lands_with_the_current_lease(db: Database, write: str) -> None:
+    lease = support.running_lease(db)
+    target = _target(db, lease.apply_id)
+    before = support.snapshot(db)
+    with fence(db, lease) as fx:
+        WRITES[write](fx, target)
+    assert support.snapshot(db) != before
+
+
+def test_writes_are_stamped_with_the_lease_epoch(db: Database) -> None:
+    first = support.running_lease(db)
+    lease = hand_back(db, first, reason="tests")
+    redeem(db, lease, "worker-2")
+    target = _target(db, lease.apply_id)
+    for name in ("update_task", "append_log", "record_comment", "record_check"):
+        with fence(db, lease) as fx:
+            WRITES[name](fx, target)
+    with fence(db, lease) as fx:
+        WRITES["finish_control_request"](fx, target)
+    apply_id = lease.apply_id
+    task = applies_repo.tasks(db, apply_id)[0]
+    assert (task["state"], task["progress"], task["checkpoint"]) == ("running", 55, {"row": 10})
+    assert task["lease_epoch"] == lease.epoch
+    assert support.log_events(db, apply_id)[-1] == (lease.epoch, "progress")
+    snap = support.snapshot(db)
+    assert [len(snap[t]) for t in ("apply_comments", "checks", "control_requests")] == [1, 1, 1]
+    with db.transaction() as conn:
+        comment_row = conn.execute(
+            text("SELECT edit_count, last_epoch, github_comment_id FROM apply_comments")
+        ).one()
+        check_row = conn.execute(text("SELECT last_epoch, status FROM checks")).one()
+        request_row = conn.execute(
+            text("SELECT state, completed_at, pending_action FROM control_requests")
+        ).one()
+    assert tuple(comment_row) == (0, lease.epoch, 1001)
+    assert tuple(check_row) == (lease.epoch, "in_progress")
+    assert request_row[0] == "completed"
+    assert request_row[1] is not None
+    assert request_row[2] is None  # no longer counted as the pending request of its action
+
+
+def test_comment_and_check_update_in_place(db: Database) -> None:
+    lease = support.running_lease(db)
+    for n in range(3):
+        with fence(db, lease) as fx:
+            fenced.record_comment(
+                fx, kind="summary", github_comment_id=1001, body_sha256=f"{n:064d}"
+            )
+            fenced.record_check(
+                fx, check_run_id=2002, status="completed", conclusion="success" if n else None
+            )
+    with db.transaction() as conn:
+        comments = conn.execute(text("SELECT edit_count, body_sha256 FROM apply_comments")).all()
+        checks = conn.execute(text("SELECT status, conclusion FROM checks")).all()
+    assert [tuple(r) for r in comments] == [(2, f"{2:064d}")]
+    assert [tuple(r) for r in checks] == [("completed", "success")]
+
+
+def test_set_apply_state_ends_the_lease_rights(db: Database) -> None:
+    lease = support.running_lease(db)
+    with fence(db, lease) as fx:
+        fenced.set_apply_state(fx, ApplyState.COMPLETED)
+    row = applies_repo.get(db, lease.apply_id)
+    assert row["state"] == "completed"
+    assert row["finished_at"] is not None
+    before = support.snapshot(db)
+    with pytest.raises(LeaseLost, match="completed"), fence(db, lease) as fx:
+        fenced.append_log(fx, "late", "must not land")
+    assert support.snapshot(db) == before
+
+
+def test_finishing_a_control_request_twice_is_row_not_found(db: Database) -> None:
+    lease = support.running_lease(db)
+    request_id = support.insert_control_request(db, lease.apply_id, action="cancel")
+    with fence(db, lease) as fx:
+        fenced.finish_control_request(fx, request_id, state=ControlState.FAILED, error="nope")
+    before = support.snapshot(db)
+    with pytest.raises(RowNotFound), fence(db, lease) as fx:
+        fenced.finish_control_request(fx, request_id, state=ControlState.COMPLETED)
+    assert support.snapshot(db) == before
+
+
+# --- writes aimed at rows of another apply ------------------------------------------------------
+
+
+def test_task_of_another_apply_is_row_not_found_and_rolls_back(db: Database) -> None:
+    lease = support.running_lease(db)
+    other = support.running_lease(db, owner="worker-2")
+    (foreign_task, _) = support.task_ids(db, other.apply_id)
+    (own_task, _) = support.task_ids(db, lease.apply_id)
+    before = support.snapshot(db)
+    with pytest.raises(RowNotFound):
+        # Writes that would land, then the bad one: the whole transaction must go.
+        in_fence(
+            db,
+            lease,
+            lambda fx: fenced.append_log(fx, "progress", "before the bad write"),
+            lambda fx: fenced.update_task(fx, own_task, progress=10),
+            lambda fx: fenced.record_check(fx, check_run_id=1, status="queued"),
+            lambda fx: fenced.update_task(fx, foreign_task, progress=99),
+        )
+    assert support.snapshot(db) == before
+
+
+def test_unknown_task_id_is_row_not_found(db: Database) -> None:
+    lease = support.running_lease(db)
+    before = support.snapshot(db)
+    with pytest.raises(RowNotFound), fence(db, lease) as fx:
+        fenced.update_task(fx, 10**9, progress=1)
+    assert support.snapshot(db) == before
+
+
+def test_control_request_of_another_apply_is_row_not_found(db: Database) -> None:
+    lease = support.running_lease(db)
+    other = support.running_lease(db, owner="worker-2")
+    foreign_request = support.insert_control_request(db, other.apply_id)
+    before = support.snapshot(db)
+    with pytest.raises(RowNotFound):
+        in_fence(
+            db,
+            lease,
+            lambda fx: fenced.append_log(fx, "control", "finishing a request"),
+            lambda fx: fenced.finish_control_request(
+                fx, foreign_request, state=ControlState.COMPLETED
+            ),
+        )
+    assert support.snapshot(db) == before
+
+
+# --- idempotent writes ----------------------------------------------------------------------------
+
+
+def test_same_progress_twice_is_not_a_lost_lease(db: Database) -> None:
+    lease = support.running_lease(db)
+    task = support.task_ids(db, lease.apply_id)[0]
+    # Same values in one fence (the second UPDATE changes no column) and in separate fences.
+    with fence(db, lease) as fx:
+        fenced.update_task(fx, task, progress=30, state="running")
+        fenced.update_task(fx, task, progress=30, state="running")
+    for _ in range(2):
+        with fence(db, lease) as fx:
+            fenced.update_task(fx, task, progress=30, state="running", checkpoint={"k": 1})
+    assert applies_repo.tasks(db, lease.apply_id)[0]["progress"] == 30
+
+
+def test_same_state_twice_is_not_a_lost_lease(db: Database) -> None:
+    lease = support.running_lease(db)
+    for _ in range(2):
+        with fence(db, lease) as fx:
+            fenced.set_apply_state(fx, ApplyState.RUNNING)
+            fenced.set_apply_state(fx, ApplyState.RUNNING)
+    # Still the holder: the fence admits it and the lease row is untouched.
+    with fence(db, lease) as fx:
+        fenced.append_log(fx, "still", "held")
+    assert support.lease_of(db, lease.apply_id)[:3] == ("running", lease.epoch, lease.token)
+
+
+def test_check_with_unchanged_values_is_one_row(db: Database) -> None:
+    lease = support.running_lease(db)
+    for _ in range(3):
+        with fence(db, lease) as fx:
+            fenced.record_check(fx, check_run_id=5, status="queued")
+            fenced.record_check(fx, check_run_id=5, status="queued")
+    assert len(support.snapshot(db)["checks"]) == 1
+
+
+def test_noop_update_reports_one_matched_row(db: Database) -> None:
+    """The rowcount the owned writes rely on counts *matched* rows on both backends."""
+    lease = support.running_lease(db)
+    task = support.task_ids(db, lease.apply_id)[0]
+    noop = (
+        update(apply_tasks)
+        .where(apply_tasks.c.id == task)
+        .values(progress=apply_tasks.c.progress, state=apply_tasks.c.state)
+    )
+    with fence(db, lease) as fx:
+        assert fx.connection.execute(noop).rowcount == 1
+        assert fx.connection.execute(noop).rowcount == 1
+
+
+def test_mariadb_counts_matched_rows_only_because_of_found_rows(mysql_server: str) -> None:
+    """Proof on the real server: without CLIENT_FOUND_ROWS, MariaDB reports 0 for an UPDATE that
+    changes nothing, which a naive fence would read as a lost lease. The engine leasehold opens
+    reports 1, so the idempotent writes above are not mistaken for loss."""
+    db = open_database(mysql_server)
+    bare = open_database(mysql_server, connect_args={"client_flag": 0})
+    try:
+        support.wipe(db)
+        lease = support.running_lease(db)
+        task = support.task_ids(db, lease.apply_id)[0]
+        noop = update(apply_tasks).where(apply_tasks.c.id == task).values(progress=0)
+        with db.transaction() as conn:
+            assert conn.execute(noop).rowcount == 1
+        with bare.transaction() as conn:
+            assert conn.execute(noop).rowcount == 0  # "changed rows": the trap
+        with fence(db, lease) as fx:
+            fenced.update_task(fx, task, progress=0)  # changes nothing, still not RowNotFound
+    finally:
+        support.wipe(db)
+        db.dispose()
+        bare.dispose()
+
+
+# --- the fenced block ----------------------------------------------------------------------------
+
+
+class Boom(Exception):
+    pass
+
+
+def test_block_that_raises_after_writing_rolls_everything_back(db: Database) -> None:
+    lease = support.running_lease(db)
+    target = _target(db, lease.apply_id)
+    before = support.snapshot(db)
+
+    def boom(fx: Fenced) -> None:
+        raise Boom
+
+    # Every write (set_apply_state to a state that end_lease, the last one, can rotate from).
+    writes = [bound(w, target) for name, w in WRITES.items() if name != "set_apply_state"]
+    writes.insert(0, lambda fx: fenced.set_apply_state(fx, ApplyState.RUNNING, error="noted"))
+    with pytest.raises(Boom):
+        in_fence(db, lease, *writes, boom)
+    assert support.snapshot(db) == before
+    # The lease survived the failed block.
+    with fence(db, lease) as fx:
+        fenced.append_log(fx, "after", "rollback")
+
+
+def test_handle_is_closed_after_the_block(db: Database) -> None:
+    lease = support.running_lease(db)
+    target = _target(db, lease.apply_id)
+    with fence(db, lease) as fx:
+        fenced.append_log(fx, "inside", "ok")
+    assert "closed" in repr(fx)
+    before = support.snapshot(db)
+    for write in WRITES.values():
+        with pytest.raises(FenceClosed):
+            write(fx, target)
+    with pytest.raises(FenceClosed):
+        _ = fx.connection
+    assert support.snapshot(db) == before
+
+
+def test_handle_is_closed_after_a_block_that_raised(db: Database) -> None:
+    lease = support.running_lease(db)
+    with pytest.raises(Boom), fence(db, lease) as fx:
+        raise Boom
+    with pytest.raises(FenceClosed):
+        fenced.append_log(fx, "late", "write")
+
+
+def test_fenced_cannot_be_constructed_directly(db: Database) -> None:
+    lease = support.running_lease(db)
+    before = support.snapshot(db)
+    known: dict[str, Any] = {
+        "conn": None,
+        "apply_id": lease.apply_id,
+        "epoch": lease.epoch,
+        "token": lease.token,
+    }
+    with db.transaction() as conn:
+        known["conn"] = conn
+        positional = [
+            known[p.name]
+            for p in inspect.signature(Fenced).parameters.values()
+            if p.kind is p.POSITIONAL_OR_KEYWORD
+        ]
+        with pytest.raises(FenceClosed):
+            Fenced(*positional, _proof=object())
+        with pytest.raises(TypeError):
+            Fenced(conn, lease.apply_id, lease.epoch)  # type: ignore[call-arg]
+    assert support.snapshot(db) == before
+
+
+def test_fenced_log_append_is_ordered_and_stamped(db: Database) -> None:
+    lease = support.running_lease(db)
+    with fence(db, lease) as fx:
+        for n in range(5):
+            fenced.append_log(fx, "step", f"step {n}", level="debug")
+    with db.transaction() as conn:
+        rows = conn.execute(
+            select(apply_logs.c.message, apply_logs.c.lease_epoch, apply_logs.c.level)
+            .where(apply_logs.c.apply_id == lease.apply_id, apply_logs.c.event == "step")
+            .order_by(apply_logs.c.id)
+        ).all()
+    assert [tuple(r) for r in rows] == [(f"step {n}", lease.epoch, "debug") for n in range(5)]
+
+
+# --- apply task lifecycle and the last write ------------------------------------------------------
+
+
+def test_task_lifecycle_writes(db: Database) -> None:
+    lease = support.running_lease(db, tasks=3)
+    first, second, third = support.task_ids(db, lease.apply_id)
+    with fence(db, lease) as fx:
+        fenced.start_task(fx, first)
+        fenced.update_task(fx, first, progress=40)
+    started = applies_repo.tasks(db, lease.apply_id)[0]["started_at"]
+    assert started is not None
+    new = hand_back(db, lease, reason="tests")
+    redeem(db, new, "worker-2")
+    with fence(db, new) as fx:
+        fenced.start_task(fx, first)  # a resume keeps the first start time
+        fenced.finish_task(fx, first, TaskState.COMPLETED)
+        fenced.start_task(fx, second)
+        fenced.finish_task(fx, second, TaskState.FAILED, error="boom")
+    with fence(db, new) as fx:
+        fenced.cancel_unfinished_tasks(fx)
+        fenced.cancel_unfinished_tasks(fx)  # nothing left to cancel: not an error
+    rows = {r["id"]: r for r in applies_repo.tasks(db, lease.apply_id)}
+    assert rows[first]["started_at"] == started
+    assert (rows[first]["state"], rows[first]["progress"]) == ("completed", 100)
+    assert (rows[second]["state"], rows[second]["error"]) == ("failed", "boom")
+    assert rows[third]["state"] == "cancelled"
+    assert {r["lease_epoch"] for r in rows.values()} == {new.epoch}
+    assert all(r["finished_at"] is not None for r in rows.values())
+
+
+@pytest.mark.parametrize("write", ["start_task", "finish_task"])
+def test_task_lifecycle_write_to_another_apply_is_row_not_found(db: Database, write: str) -> None:
+    lease = support.running_lease(db)
+    other = support.running_lease(db, owner="worker-2")
+    foreign = Target(support.task_ids(db, other.apply_id)[0], request_id=0)
+    before = support.snapshot(db)
+    with pytest.raises(RowNotFound):
+        in_fence(
+            db,
+            lease,
+            lambda fx: fenced.append_log(fx, "before", "the bad write"),
+            bound(WRITES[write], foreign),
+        )
+    assert support.snapshot(db) == before
+
+
+def test_end_lease_commits_with_the_writes_before_it(db: Database) -> None:
+    lease = support.running_lease(db)
+    (task, _) = support.task_ids(db, lease.apply_id)
+    token = mint_token()
+    with fence(db, lease) as fx:
+        fenced.update_task(fx, task, state=TaskState.PENDING, checkpoint={"row": 5})
+        epoch = fenced.end_lease(
+            fx, new_token=token, to_state=ApplyState.DISPATCHED, event="handed_back", reason="t"
+        )
+    assert epoch == lease.epoch + 1
+    assert support.lease_of(db, lease.apply_id) == ("dispatched", epoch, token, None)
+    assert applies_repo.tasks(db, lease.apply_id)[0]["checkpoint"] == {"row": 5}
+    assert support.log_events(db, lease.apply_id)[-1] == (epoch, "handed_back")
+    with pytest.raises(LeaseLost):
+        in_fence(db, lease, lambda fx: fenced.append_log(fx, "late", "write"))
+    redeem(db, Lease(lease.apply_id, epoch, token), "worker-2")
+
+
+def test_no_write_after_end_lease_in_the_same_block(db: Database) -> None:
+    """A write after the rotation would carry the old epoch after the rotation's log line: the
+    handle is closed by end_lease, and the whole block rolls back."""
+    lease = support.running_lease(db)
+    before = support.snapshot(db)
+    with pytest.raises(FenceClosed):
+        in_fence(
+            db,
+            lease,
+            bound(WRITES["end_lease"], Target(0, 0)),
+            lambda fx: fenced.append_log(fx, "late", "after the rotation"),
+        )
+    assert support.snapshot(db) == before
+    in_fence(db, lease, lambda fx: fenced.append_log(fx, "still", "held"))
+
+
+def test_end_lease_to_a_terminal_state(db: Database) -> None:
+    lease = support.running_lease(db)
+    with fence(db, lease) as fx:
+        fenced.cancel_unfinished_tasks(fx)
+        epoch = fenced.end_lease(
+            fx,
+            new_token=mint_token(),
+            to_state=ApplyState.FAILED,
+            event="failed",
+            reason="engine failed",
+            error="engine failed",
+        )
+    row = applies_repo.get(db, lease.apply_id)
+    assert (row["state"], row["lease_epoch"], row["error"]) == ("failed", epoch, "engine failed")
+    assert row["finished_at"] is not None
+    assert support.log_events(db, lease.apply_id)[-1][0] == epoch
