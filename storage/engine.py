@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -82,11 +83,19 @@ def open_database(
     *,
     isolation_level: str | None = None,
     pool_size: int = 5,
+    idle_transaction_timeout: float | None = None,
     **engine_kwargs: Any,
 ) -> Database:
     """Create the engine for ``url`` (default: ``LEASEHOLD_DATABASE_URL``, then a SQLite file in
     the working directory). MySQL gets an explicit isolation level (READ COMMITTED unless told
-    otherwise); SQLite gets WAL, a busy timeout and write-locking transactions."""
+    otherwise); SQLite gets WAL, a busy timeout and write-locking transactions.
+
+    ``idle_transaction_timeout`` (seconds) makes the server end a session that sits idle inside a
+    transaction that long: a worker frozen (SIGSTOP, a long GC pause) inside a fence would
+    otherwise keep the apply row locked, and reclaim, which skips locked rows, could never take
+    the apply over. Workers pass ``stale_after``: by then a peer may reclaim anyway. MariaDB has
+    ``idle_transaction_timeout``; on MySQL the nearest setting is the session ``wait_timeout``.
+    """
     url = url or database_url()
     try:
         parsed = make_url(url)
@@ -113,7 +122,22 @@ def open_database(
         )
     except (sa_exc.ArgumentError, ImportError) as exc:
         raise ConfigurationError(f"cannot use {redact(url)}: {exc}") from exc
+    if idle_transaction_timeout is not None:
+        _limit_idle_transactions(engine, max(1, math.ceil(idle_transaction_timeout)))
     return Database(engine)
+
+
+def _limit_idle_transactions(engine: Engine, seconds: int) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: DBAPIConnection, record: ConnectionPoolEntry) -> None:
+        cursor = dbapi_conn.cursor()
+        cursor.execute("SELECT VERSION()")
+        row = cursor.fetchone()
+        variable = "wait_timeout"
+        if row is not None and "mariadb" in str(row[0]).lower():
+            variable = "idle_transaction_timeout"
+        cursor.execute(f"SET SESSION {variable} = {seconds:d}")
+        cursor.close()
 
 
 def _sqlite_engine(url: str, **engine_kwargs: Any) -> Engine:

@@ -38,7 +38,11 @@ def database() -> Database:
     current = settings()
     with _lock:
         if _db is None:
-            _db = open_database(current.database_url, pool_size=10)
+            _db = open_database(
+                current.database_url,
+                pool_size=10,
+                idle_transaction_timeout=current.stale_after,
+            )
         return _db
 
 
