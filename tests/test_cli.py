@@ -1,0 +1,141 @@
+"""The ``leasehold`` console script, run as a user runs it: a subprocess with
+LEASEHOLD_DATABASE_URL in its environment."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from leases import hand_back
+from storage import open_database
+from storage.engine import Database
+from storage.migrate import head_revision
+from tests import support
+
+ROOT = Path(__file__).resolve().parent.parent
+_SCRIPT = Path(sys.executable).parent / "leasehold"
+COMMAND = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "tasks.cli"]
+
+
+def leasehold(*args: str, url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEASEHOLD_")}
+    env["LEASEHOLD_DATABASE_URL"] = url
+    return subprocess.run(
+        [*COMMAND, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("leasehold: ")
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_migrate_twice(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.sqlite3'}"
+    head = head_revision()
+    first = leasehold("migrate", url=url, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "migrated" in first.stdout
+    assert head in first.stdout
+    second = leasehold("migrate", url=url, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert f"already at revision {head}" in second.stdout
+    assert "migrated" not in second.stdout
+
+
+def test_status_prints_the_lease_table_without_tokens(
+    db: Database, backend_url: str, tmp_path: Path
+) -> None:
+    first = support.running_lease(db, owner="worker-cli")
+    second = hand_back(db, support.running_lease(db), reason="tests")
+    pending = support.new_apply(db)
+    tokens = [first.token, second.token]
+
+    table = leasehold("status", url=backend_url, cwd=tmp_path)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:3] == ["id", "state", "epoch"]
+    rows = {int(line.split()[0]): line for line in lines[1:]}
+    assert set(rows) == {first.apply_id, second.apply_id, pending}
+    assert rows[first.apply_id].split()[1:3] == ["running", str(first.epoch)]
+    assert "worker-cli" in rows[first.apply_id]
+    assert first.token[:6] in rows[first.apply_id]
+    assert rows[second.apply_id].split()[1:3] == ["dispatched", str(second.epoch)]
+    assert rows[pending].split()[1:3] == ["pending", "0"]
+
+    one = leasehold("status", str(first.apply_id), url=backend_url, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    assert f"lease epoch {first.epoch}" in one.stdout
+    logs = leasehold("logs", str(first.apply_id), url=backend_url, cwd=tmp_path)
+    assert logs.returncode == 0, logs.stderr
+    assert "redeemed" in logs.stdout
+
+    for result in (table, one, logs):
+        for token in tokens:
+            assert token not in result.stdout
+            assert token not in result.stderr
+            assert token[:12] not in result.stdout
+
+
+def test_status_of_an_empty_database(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'empty.sqlite3'}"
+    assert leasehold("migrate", url=url, cwd=tmp_path).returncode == 0
+    result = leasehold("status", url=url, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "(no applies yet)" in result.stdout
+
+
+def test_status_of_an_unknown_apply(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'empty.sqlite3'}"
+    assert leasehold("migrate", url=url, cwd=tmp_path).returncode == 0
+    line = one_error_line(leasehold("status", "424242", url=url, cwd=tmp_path))
+    assert "424242" in line
+
+
+@pytest.mark.parametrize("command", ["migrate", "status"])
+def test_unreachable_mysql_is_one_clear_line(tmp_path: Path, command: str) -> None:
+    url = "mysql+mysqldb://leasehold:s3cret@127.0.0.1:1/leasehold"
+    result = leasehold(command, url=url, cwd=tmp_path)
+    line = one_error_line(result)
+    assert "unavailable" in line or "cannot reach" in line
+    assert "s3cret" not in result.stderr + result.stdout
+    assert result.stdout == ""
+
+
+def test_migrate_in_a_missing_directory_is_one_clear_line(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'missing' / 'leasehold.sqlite3'}"
+    line = one_error_line(leasehold("migrate", url=url, cwd=tmp_path))
+    assert "unavailable" in line or "cannot reach" in line
+
+
+def test_migrate_refuses_a_foreign_database(tmp_path: Path) -> None:
+    path = tmp_path / "foreign.sqlite3"
+    url = f"sqlite:///{path}"
+    foreign = open_database(url)
+    try:
+        with foreign.engine.begin() as conn:
+            conn.execute(text("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total INTEGER)"))
+            conn.execute(text("INSERT INTO invoices (id, total) VALUES (1, 99)"))
+        line = one_error_line(leasehold("migrate", url=url, cwd=tmp_path))
+        assert "foreign database" in line
+        with foreign.engine.connect() as conn:
+            names = conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'table'"))
+            assert [n for (n,) in names] == ["invoices"]
+            assert conn.execute(text("SELECT total FROM invoices")).scalar_one() == 99
+    finally:
+        foreign.dispose()
