@@ -10,6 +10,9 @@ re-exports the lease errors under their public names.
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
 
 class LeaseholdError(Exception):
     """Base of every error leasehold raises on purpose."""
@@ -37,6 +40,10 @@ class ApplyNotFound(LeaseError, LookupError):
     def __init__(self, apply_id: int) -> None:
         super().__init__(f"apply {apply_id} does not exist")
         self.apply_id = apply_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuild from the constructor's arguments, not from the message (pickle, copy, Celery).
+        return (type(self), (self.apply_id,), self.__dict__)
 
 
 class LeaseLost(LeaseError):
@@ -66,6 +73,18 @@ class LeaseLost(LeaseError):
         self.epoch = epoch
         self.current_epoch = current_epoch
         self.state = state
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        rebuild = partial(
+            type(self),
+            self.apply_id,
+            self.epoch,
+            current_epoch=self.current_epoch,
+            state=self.state,
+            reason=self.reason,
+        )
+        return (rebuild, (), self.__dict__)
 
 
 class InvalidTransition(LeaseholdError):
@@ -76,6 +95,9 @@ class InvalidTransition(LeaseholdError):
         self.apply_id = apply_id
         self.state = state
         self.wanted = wanted
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.apply_id, self.state, self.wanted), self.__dict__)
 
 
 class RowNotFound(LeaseholdError, LookupError):
