@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 import traceback
 from dataclasses import FrozenInstanceError
 from typing import Any
@@ -10,7 +12,9 @@ from typing import Any
 import pytest
 
 from leases import (
+    ApplyNotFound,
     InvalidLease,
+    InvalidTransition,
     Lease,
     LeaseLost,
     dispatch,
@@ -183,3 +187,23 @@ def test_dispatched_lease_round_trips_through_json(db: Database) -> None:
     again = Lease.from_json(json.loads(json.dumps(lease.to_json())))
     redeem(db, again, "worker-1")
     assert support.lease_of(db, lease.apply_id)[:2] == ("running", lease.epoch)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        LeaseLost(3, 4, current_epoch=6, state="dispatched"),
+        LeaseLost(3, 9, current_epoch=8, reason="never issued"),
+        ApplyNotFound(5),
+        InvalidTransition(3, "running", "dispatch"),
+    ],
+    ids=repr,
+)
+def test_errors_survive_pickle_and_copy(exc: LeaseholdError) -> None:
+    """Celery's prefork pool pickles exceptions between processes; ``copy`` and ``pickle``
+    must rebuild them from their fields, not call ``__init__`` with the message."""
+    for again in (pickle.loads(pickle.dumps(exc)), copy.copy(exc), copy.deepcopy(exc)):
+        assert type(again) is type(exc)
+        assert str(again) == str(exc)
+        assert again.args == exc.args
+        assert vars(again) == vars(exc)
