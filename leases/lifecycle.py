@@ -45,10 +45,16 @@ def dispatch(
     return Lease(apply_id, epoch, token)
 
 
-def redeem(db: Database, lease: Lease, owner: str) -> None:
-    """Claim a dispatched lease for ``owner``. ``LeaseLost``: a duplicate or stale message."""
+def redeem(db: Database, lease: Lease, owner: str) -> str:
+    """Claim a dispatched lease for ``owner``. ``LeaseLost``: a duplicate or stale message.
+
+    Returns how the lease came to be (the event of the rotation that minted it: ``dispatched``,
+    ``reclaimed``, ``handed_back``, ``resumed``), which tells the new holder whether a previous
+    holder may still have an external call in flight.
+    """
     with db.transaction() as conn:
         leasing.redeem(conn, lease.apply_id, epoch=lease.epoch, token=lease.token, owner=owner)
+        origin = leasing.rotation_event(conn, lease.apply_id, lease.epoch)
         leasing.append_log(
             conn,
             lease.apply_id,
@@ -57,6 +63,7 @@ def redeem(db: Database, lease: Lease, owner: str) -> None:
             event="redeemed",
             message=f"lease epoch {lease.epoch} redeemed by {owner}",
         )
+    return origin
 
 
 def heartbeat(db: Database, lease: Lease) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Final, final
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, RowMapping
 
 from storage import leasing, statements
 from storage.engine import Database
@@ -197,3 +197,20 @@ def end_lease(
     # after the rotation's log line (invariant 5). It raises FenceClosed, rolling the block back.
     fx._close()
     return epoch
+
+
+def read_state(fx: Fenced) -> tuple[RowMapping, list[RowMapping]]:
+    """The apply and its tasks as this transaction sees them (the apply row is locked), for
+    rendering an external effect consistently with what is committed alongside it."""
+    conn = fx.connection
+    apply = conn.execute(statements.apply_row(fx.apply_id)).mappings().one()
+    tasks = list(conn.execute(statements.apply_task_rows(fx.apply_id)).mappings())
+    return apply, tasks
+
+
+def comment_record(fx: Fenced, kind: str) -> RowMapping | None:
+    return fx.connection.execute(statements.comment_row(fx.apply_id, kind)).mappings().one_or_none()
+
+
+def check_record(fx: Fenced) -> RowMapping | None:
+    return fx.connection.execute(statements.check_row(fx.apply_id)).mappings().one_or_none()

@@ -156,6 +156,12 @@ def stale(conn: Connection, state: str, *, older_than: float, limit: int) -> lis
     ]
 
 
+def rotation_event(conn: Connection, apply_id: int, epoch: int) -> str:
+    """The event logged by the rotation that minted ``epoch`` (its first log line)."""
+    event = conn.execute(statements.rotation_event(apply_id, epoch)).scalar_one_or_none()
+    return str(event) if event is not None else "unknown"
+
+
 def append_log(
     conn: Connection, apply_id: int, *, epoch: int, level: str, event: str, message: str
 ) -> None:

@@ -430,3 +430,12 @@ def pending_control_requests(apply_id: int) -> Select[Any]:
 
 def control_request_row(request_id: int) -> Select[Any]:
     return select(control_requests).where(control_requests.c.id == request_id)
+
+
+def rotation_event(apply_id: int, epoch: int) -> Select[Any]:
+    return (
+        select(apply_logs.c.event)
+        .where(apply_logs.c.apply_id == apply_id, apply_logs.c.lease_epoch == epoch)
+        .order_by(apply_logs.c.id)
+        .limit(1)
+    )

@@ -15,6 +15,7 @@ from tasks import runtime, service
 from tasks.app import app
 from tasks.dispatcher import send_run
 from tasks.engines import make_engine
+from tasks.github.effects import github_effects
 from tasks.heartbeat import Heartbeat
 from tasks.interrupts import Interrupts
 from tasks.runner import ApplyRunner
@@ -72,14 +73,16 @@ def run_apply(self: Any, apply_id: Any, lease: Any) -> dict[str, Any]:
     settings = runtime.settings()
     owner = f"{self.request.hostname or 'local'}/{os.getpid()}/{self.request.id}"
     try:
-        redeem(db, held, owner)
+        origin = redeem(db, held, owner)
     except LeaseLost as exc:
         # A duplicate or stale message: nothing was written, nothing to do.
         log.info("run_apply %r not redeemed: %s", held, exc)
         return {"apply_id": apply_id, "epoch": held.epoch, "outcome": "not_redeemed"}
 
-    engine = make_engine(applies.get(db, apply_id)["engine"], targets=settings.targets)
+    apply = applies.get(db, apply_id)
+    engine = make_engine(apply["engine"], targets=settings.targets)
     interrupts = Interrupts()
+    effects = github_effects(db, held, interrupts, apply, settings, reclaimed=origin == "reclaimed")
     runtime.register_run(self.request.id, interrupts)
     beat = Heartbeat(
         db,
@@ -90,7 +93,8 @@ def run_apply(self: Any, apply_id: Any, lease: Any) -> dict[str, Any]:
     )
     beat.start()
     try:
-        outcome = ApplyRunner(db, held, engine, interrupts, _FlowerReporter(self, apply_id)).run()
+        reporter = _FlowerReporter(self, apply_id)
+        outcome = ApplyRunner(db, held, engine, interrupts, reporter, effects=effects).run()
     except LeaseLost as exc:
         log.warning("run_apply %r: lease lost, stopping without further writes: %s", held, exc)
         meta = {"apply_id": apply_id, "epoch": held.epoch, "reason": str(exc)}

@@ -22,6 +22,8 @@ from storage.fenced import Fenced
 from storage.states import ApplyState, ControlState, TaskState
 from tasks.engines import Engine, EngineCancelled, EngineContext, EngineError, TaskSpec
 from tasks.engines.base import Progress
+from tasks.github.client import GitHubRejected, GitHubRetryable
+from tasks.github.publisher import Effects, NoEffects
 from tasks.interrupts import Interrupts, Reason
 
 log = logging.getLogger(__name__)
@@ -52,8 +54,10 @@ class ApplyRunner:
         reporter: Reporter,
         *,
         progress_interval: float = 1.0,
+        effects: Effects | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.effects: Effects = effects or NoEffects()
         self.db = db
         self.lease = lease
         self.engine = engine
@@ -71,6 +75,7 @@ class ApplyRunner:
             if request.action in ("stop", "cancel"):
                 self.interrupts.interrupt(Reason(str(request.action)), request_id=request.id)
         total = len(rows)
+        self.effects.start()
         for index, row in enumerate(rows):
             if row["state"] == TaskState.COMPLETED:
                 continue
@@ -100,6 +105,7 @@ class ApplyRunner:
 
         self._write(start)
         self._report(index, total, spec, spec.progress)
+        self.effects.progress(boundary=True)
         if self.engine.already_applied(spec):
             self._write(lambda fx: self._complete_task(fx, spec, "task_skipped", label))
             return None
@@ -114,6 +120,7 @@ class ApplyRunner:
             return self._end(ApplyState.FAILED, "failed", str(exc), failed_task=spec)
         self._write(lambda fx: self._complete_task(fx, spec, "task_completed", label))
         self._report(index, total, spec, 100)
+        self.effects.progress(boundary=True)
         return None
 
     @staticmethod
@@ -142,6 +149,7 @@ class ApplyRunner:
                 values["checkpoint"] = dict(checkpoint)
             self._write(lambda fx: fenced.update_task(fx, spec.id, **values))
             self._report(index, total, spec, values["progress"])
+            self.effects.progress(boundary=False)
 
         return write
 
@@ -172,11 +180,13 @@ class ApplyRunner:
         target = ApplyState.STOPPED if stopping else ApplyState.DISPATCHED
         token = mint_token()
 
-        def hand_over(fx: Fenced) -> int:
+        def prepare(fx: Fenced) -> None:
             if spec is not None:
                 # Back to pending with its checkpoint: the next holder resumes it.
                 fenced.update_task(fx, spec.id, state=TaskState.PENDING)
             self._finish_request(fx)
+
+        def rotate(fx: Fenced) -> int:
             return fenced.end_lease(
                 fx,
                 new_token=token,
@@ -185,11 +195,51 @@ class ApplyRunner:
                 reason="stopped by request" if stopping else "worker shutting down: handed back",
             )
 
-        epoch = self._write(hand_over)
+        # A handover publishes nothing: the next holder edits the comment at once.
+        epoch = self._transition(prepare, rotate, publish=target if stopping else None)
         log.info("apply %s %s at a safe point", self.lease.apply_id, target)
         if stopping:
             return Outcome(target)
         return Outcome(target, lease=Lease(self.lease.apply_id, epoch, token))
+
+    def _transition(
+        self,
+        prepare: Callable[[Fenced], None],
+        rotate: Callable[[Fenced], int],
+        *,
+        publish: ApplyState | None,
+        error: str | None = None,
+    ) -> int:
+        """Change state and rotate the lease away in one fenced transaction, publishing the new
+        state on GitHub inside it, so that the publication and the change commit together.
+
+        GitHub trouble is retried (a new fence each time); if it persists, the state change is
+        made without the publication rather than left undone.
+        """
+
+        def with_publication(fx: Fenced) -> int:
+            assert publish is not None
+            prepare(fx)
+            self.effects.publish_in(fx, publish, error=error)
+            return rotate(fx)
+
+        def without_publication(fx: Fenced) -> int:
+            prepare(fx)
+            return rotate(fx)
+
+        if publish is not None:
+            for attempt in range(self.effects.final_attempts):
+                self.effects.await_grace()
+                try:
+                    return self._write(with_publication)
+                except GitHubRejected as exc:
+                    log.error("apply %s: GitHub refused: %s", self.lease.apply_id, exc)
+                    break
+                except GitHubRetryable as exc:
+                    log.warning("apply %s: publishing failed: %s", self.lease.apply_id, exc)
+                    self.effects.pause(attempt, exc)
+            log.error("apply %s: %s made without publishing it", self.lease.apply_id, publish)
+        return self._write(without_publication)
 
     def _finish_request(self, fx: Fenced) -> None:
         if self.interrupts.request_id is not None:
@@ -204,17 +254,19 @@ class ApplyRunner:
         request completed and the lease rotated away, in one fenced transaction."""
         error = reason if state == ApplyState.FAILED else None
 
-        def end(fx: Fenced) -> None:
+        def prepare(fx: Fenced) -> None:
             if failed_task is not None:
                 fenced.finish_task(fx, failed_task.id, TaskState.FAILED, error=error)
             if state != ApplyState.COMPLETED:
                 fenced.cancel_unfinished_tasks(fx)
             if state == ApplyState.CANCELLED:
                 self._finish_request(fx)
-            fenced.end_lease(
+
+        def rotate(fx: Fenced) -> int:
+            return fenced.end_lease(
                 fx, new_token=mint_token(), to_state=state, event=event, reason=reason, error=error
             )
 
-        self._write(end)
+        self._transition(prepare, rotate, publish=state, error=error)
         log.info("apply %s %s: %s", self.lease.apply_id, state, reason)
         return Outcome(state, error=error)

@@ -20,7 +20,11 @@ class Settings:
     effect_grace: float = 12.0
     comment_interval: float = 10.0
     github_api_url: str = "https://api.github.com"
-    targets: dict[str, str] = field(default_factory=dict)
+    targets: dict[str, str] = field(default_factory=dict, repr=False)
+    github_token: str | None = field(default=None, repr=False)
+    github_app_id: str | None = None
+    github_app_private_key: str | None = field(default=None, repr=False)
+    github_app_installation_id: str | None = None
 
     @classmethod
     def from_conf(cls, conf: Any) -> Settings:
@@ -36,6 +40,10 @@ class Settings:
             comment_interval=float(conf.leasehold_comment_interval),
             github_api_url=str(conf.leasehold_github_api_url),
             targets=dict(conf.leasehold_targets),
+            github_token=conf.leasehold_github_token,
+            github_app_id=conf.leasehold_github_app_id,
+            github_app_private_key=conf.leasehold_github_app_private_key,
+            github_app_installation_id=conf.leasehold_github_app_installation_id,
         )
 
     @property

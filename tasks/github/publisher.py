@@ -1,0 +1,232 @@
+"""The GitHub effects of one held lease: a progress comment and a check run, each call made
+inside the fence, so that no rotation can commit while it is in flight.
+
+Each attempt is ``with fence(...)``: prove the lease and lock the apply row, render the full
+state from that same transaction, make one HTTP call (hard timeout ``effect_timeout``, well under
+``stale_after``), record the result (comment id, edit count, epoch, body digest; check status),
+commit. A retry is a new attempt in a new fence, so a lease lost between attempts stops the
+retries at once (``LeaseLost``). Creation is idempotent: an existing comment carrying the apply's
+marker, or a check run with its ``external_id``, is adopted instead of creating a second one,
+which heals a crash between GitHub's answer and our commit.
+
+Lock-delay: a holder whose lease came from a reclaim waits ``effect_grace`` (longer than the
+effect timeout) before its first call, so that a call of the previous holder that timed out on
+its side but still reaches GitHub lands before ours and is overwritten by our next edit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Final, Protocol
+
+from leases import Lease, fence
+from storage import fenced
+from storage.engine import Database
+from storage.errors import StorageBusy, StorageUnavailable
+from storage.fenced import Fenced
+from storage.states import ApplyState
+from tasks.github import render
+from tasks.github.client import GitHubClient, GitHubError, GitHubRejected, GitHubRetryable
+from tasks.interrupts import Interrupts
+
+log = logging.getLogger(__name__)
+BACKOFF: Final = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+class Effects(Protocol):
+    """What the runner asks of the GitHub side (a no-op when there is none)."""
+
+    final_attempts: int
+
+    def start(self) -> None: ...
+
+    def progress(self, *, boundary: bool) -> None: ...
+
+    def await_grace(self) -> None: ...
+
+    def publish_in(self, fx: Fenced, state: ApplyState, *, error: str | None = None) -> None: ...
+
+    def pause(self, attempt: int, error: GitHubError) -> None: ...
+
+
+class NoEffects:
+    final_attempts = 1
+
+    def start(self) -> None:
+        pass
+
+    def progress(self, *, boundary: bool) -> None:
+        pass
+
+    def await_grace(self) -> None:
+        pass
+
+    def publish_in(self, fx: Fenced, state: ApplyState, *, error: str | None = None) -> None:
+        pass
+
+    def pause(self, attempt: int, error: GitHubError) -> None:
+        pass
+
+
+class Publisher:
+    def __init__(
+        self,
+        db: Database,
+        lease: Lease,
+        client: GitHubClient,
+        interrupts: Interrupts,
+        *,
+        repository: str,
+        pull_request: int,
+        head_sha: str,
+        comment_interval: float,
+        grace: float = 0.0,
+        max_attempts: int = 5,
+        max_retry_after: float = 30.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.db = db
+        self.lease = lease
+        self.client = client
+        self.interrupts = interrupts
+        self.repository = repository
+        self.pull_request = pull_request
+        self.head_sha = head_sha
+        self.comment_interval = comment_interval
+        self.final_attempts = max_attempts
+        self.max_retry_after = max_retry_after
+        self._monotonic = monotonic
+        self._grace_until = monotonic() + grace
+        self._last_edit = float("-inf")
+        self.calls = 0
+
+    # --- the runner's hooks ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Create or adopt the comment and the check run, then show the running state."""
+        self._effect(lambda fx: self._check_in(fx, ApplyState.RUNNING))
+        self._effect(lambda fx: self._comment_in(fx, ApplyState.RUNNING))
+        self._last_edit = self._monotonic()
+
+    def progress(self, *, boundary: bool) -> None:
+        """Edit the comment: at every apply task boundary, otherwise at most once an interval."""
+        now = self._monotonic()
+        if not boundary and now - self._last_edit < self.comment_interval:
+            return
+        self._last_edit = now
+        self._effect(lambda fx: self._comment_in(fx, ApplyState.RUNNING))
+
+    def publish_in(self, fx: Fenced, state: ApplyState, *, error: str | None = None) -> None:
+        """One attempt, inside the caller's fence, at publishing ``state`` (stopped or terminal),
+        so that the publication and the state change commit together."""
+        self._comment_in(fx, state, error=error)
+        if state.terminal:
+            self._check_in(fx, state)
+
+    def await_grace(self) -> None:
+        """The lock-delay after a reclaim; ends early only if the lease is lost."""
+        while (remaining := self._grace_until - self._monotonic()) > 0:
+            self.interrupts.raise_if_lost()
+            time.sleep(min(0.1, remaining))
+        self.interrupts.raise_if_lost()
+
+    def pause(self, attempt: int, error: GitHubError) -> None:
+        delay = BACKOFF[min(attempt, len(BACKOFF) - 1)]
+        if isinstance(error, GitHubRetryable) and error.retry_after is not None:
+            delay = min(max(delay, error.retry_after), self.max_retry_after)
+        deadline = self._monotonic() + delay
+        while (remaining := deadline - self._monotonic()) > 0:
+            self.interrupts.raise_if_lost()
+            time.sleep(min(0.1, remaining))
+
+    # --- attempts --------------------------------------------------------------------------------
+
+    def _effect(self, body: Callable[[Fenced], None]) -> bool:
+        """Attempt ``body`` in a fence until it succeeds, is refused, or attempts run out. An
+        effect that cannot be made is logged and skipped: the apply itself goes on, and the next
+        edit renders the full state anyway."""
+        for attempt in range(self.final_attempts):
+            self.await_grace()
+            try:
+                with fence(self.db, self.lease) as fx:
+                    body(fx)
+                return True
+            except GitHubRejected as exc:
+                log.error("apply %s: GitHub refused an effect: %s", self.lease.apply_id, exc)
+                return False
+            except GitHubRetryable as exc:
+                log.warning(
+                    "apply %s: GitHub effect failed, will retry: %s", self.lease.apply_id, exc
+                )
+                self.pause(attempt, exc)
+            except (StorageUnavailable, StorageBusy) as exc:
+                log.warning("apply %s: effect not fenced, will retry: %s", self.lease.apply_id, exc)
+                self.pause(attempt, GitHubRetryable(str(exc)))
+        log.error(
+            "apply %s: GitHub effect given up after %d attempts",
+            self.lease.apply_id,
+            self.final_attempts,
+        )
+        return False
+
+    def _comment_in(self, fx: Fenced, state: ApplyState, *, error: str | None = None) -> None:
+        apply, tasks = fenced.read_state(fx)
+        body = render.render_comment(apply, tasks, epoch=fx.epoch, state=state, error=error)
+        digest = render.digest(body)
+        record = fenced.comment_record(fx, render.COMMENT_KIND)
+        if record is not None and record["body_sha256"] == digest:
+            return  # GitHub already shows exactly this
+        comment_id = None if record is None else record["github_comment_id"]
+        if comment_id is None:
+            comment_id = self.client.find_comment(
+                self.repository, self.pull_request, render.marker_prefix(fx.apply_id)
+            )
+            self.calls += 1
+        if comment_id is None:
+            comment_id = self.client.create_comment(self.repository, self.pull_request, body)
+        else:
+            self.client.edit_comment(self.repository, int(comment_id), body)
+        self.calls += 1
+        fenced.record_comment(
+            fx, kind=render.COMMENT_KIND, github_comment_id=int(comment_id), body_sha256=digest
+        )
+
+    def _check_in(self, fx: Fenced, state: ApplyState) -> None:
+        record = fenced.check_record(fx)
+        if record is not None and record["status"] == "completed":
+            return  # concluded once, never again
+        _, tasks = fenced.read_state(fx)
+        summary = render.render_summary(tasks, state=state)
+        run_id = None if record is None else record["github_check_run_id"]
+        if run_id is None:
+            run_id = self.client.find_check_run(
+                self.repository, self.head_sha, render.CHECK_NAME, render.external_id(fx.apply_id)
+            )
+            self.calls += 1
+            if run_id is None:
+                run_id = self.client.create_check_run(
+                    self.repository,
+                    self.head_sha,
+                    name=render.CHECK_NAME,
+                    external_id=render.external_id(fx.apply_id),
+                    summary=summary,
+                )
+                self.calls += 1
+        conclusion = render.CONCLUSIONS.get(state)
+        if conclusion is not None:
+            self.client.update_check_run(
+                self.repository,
+                int(run_id),
+                name=render.CHECK_NAME,
+                summary=summary,
+                conclusion=conclusion,
+            )
+            self.calls += 1
+        fenced.record_check(
+            fx,
+            check_run_id=int(run_id),
+            status="completed" if conclusion else "in_progress",
+            conclusion=conclusion,
+        )

@@ -1,0 +1,452 @@
+"""A GitHub stand-in: a real HTTP server on 127.0.0.1 speaking the slice of GitHub's REST API
+that leasehold calls (issue comments, check runs, App installation tokens), with GitHub's paths,
+status codes and JSON shapes. It records every request, keeps every version of every comment and
+check run, and injects faults (``tasks.github.standin_faults``). Tests and ``leasehold demo`` use it.
+
+    with GitHubStandIn(tokens=["t0k3n"]) as gh:
+        GitHub(TokenAuthStrategy("t0k3n"), base_url=gh.url, ...)
+
+Run it by hand: ``python -m tasks.github.standin --port 0 --token X`` prints its URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+import re
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+
+from tasks.github.standin_faults import Faults, Gate
+from tasks.github.standin_store import (
+    JSON,
+    ApiError,
+    CheckRun,
+    Comment,
+    RecordedRequest,
+    Store,
+    now,
+)
+
+__all__ = ["ApiError", "CheckRun", "Comment", "Gate", "GitHubStandIn", "RecordedRequest"]
+
+Answer = tuple[int, dict[str, str], Any]
+OWNER_REPO = r"^/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)"
+
+
+def _ts(at: datetime | None) -> str | None:
+    return at.strftime("%Y-%m-%dT%H:%M:%SZ") if at else None
+
+
+def _user(login: str, api: str) -> JSON:
+    uid = zlib.crc32(login.encode())
+    url = f"{api}/users/{login}"
+    return {
+        "login": login, "id": uid, "node_id": f"U_standin{uid}", "gravatar_id": "",
+        "avatar_url": f"{api}/avatars/{login}", "url": url, "html_url": f"{api}/{login}",
+        "followers_url": f"{url}/followers", "following_url": f"{url}/following{{/other_user}}",
+        "gists_url": f"{url}/gists{{/gist_id}}", "starred_url": f"{url}/starred{{/owner}}{{/repo}}",
+        "subscriptions_url": f"{url}/subscriptions", "organizations_url": f"{url}/orgs",
+        "repos_url": f"{url}/repos", "events_url": f"{url}/events{{/privacy}}",
+        "received_events_url": f"{url}/received_events",
+        "type": "Bot" if login.endswith("[bot]") else "User", "site_admin": False,
+    }  # fmt: skip
+
+
+def _comment_json(c: Comment, api: str) -> JSON:
+    repo = f"{api}/repos/{c.owner}/{c.repo}"
+    return {
+        "id": c.id, "node_id": f"IC_standin{c.id}", "url": f"{repo}/issues/comments/{c.id}",
+        "html_url": f"{api}/{c.owner}/{c.repo}/issues/{c.issue_number}#issuecomment-{c.id}",
+        "issue_url": f"{repo}/issues/{c.issue_number}", "body": c.body,
+        "user": _user(c.user, api), "created_at": _ts(c.created_at),
+        "updated_at": _ts(c.updated_at), "author_association": "NONE",
+        "performed_via_github_app": None,
+    }  # fmt: skip
+
+
+def _run_json(r: CheckRun, api: str) -> JSON:
+    url = f"{api}/repos/{r.owner}/{r.repo}/check-runs/{r.id}"
+    return {
+        "id": r.id, "node_id": f"CR_standin{r.id}", "head_sha": r.head_sha, "name": r.name,
+        "external_id": r.external_id, "url": url, "details_url": r.details_url,
+        "html_url": f"{api}/{r.owner}/{r.repo}/runs/{r.id}", "status": r.status,
+        "conclusion": r.conclusion, "started_at": _ts(r.started_at),
+        "completed_at": _ts(r.completed_at),
+        "output": {"title": r.output_title, "summary": r.output_summary, "text": r.output_text,
+                   "annotations_count": 0, "annotations_url": f"{url}/annotations"},
+        "check_suite": {"id": zlib.crc32(f"{r.owner}/{r.repo}@{r.head_sha}".encode())},
+        "app": None, "pull_requests": [],
+    }  # fmt: skip
+
+
+def _page(items: list[Any], query: Mapping[str, str], url: str) -> tuple[list[Any], dict[str, str]]:
+    """GitHub's page/per_page slicing and its ``Link`` header (prev, next, last, first)."""
+
+    def number(key: str, default: int) -> int:
+        try:
+            return int(query.get(key, default))
+        except ValueError:
+            return default
+
+    per_page, page = min(max(number("per_page", 30), 1), 100), max(number("page", 1), 1)
+    last = max(1, -(-len(items) // per_page))
+
+    def link(to: int, rel: str) -> str:
+        return f'<{url}?{urlencode({**query, "per_page": per_page, "page": to})}>; rel="{rel}"'
+
+    links = [link(page - 1, "prev")] if page > 1 else []
+    if page < last:
+        links += [link(page + 1, "next"), link(last, "last")]
+    if page > 1:
+        links.append(link(1, "first"))
+    return items[(page - 1) * per_page : page * per_page], {"Link": ", ".join(links)} if links else {}
+
+
+def _jwt_issuer(value: str) -> str | None:
+    """The ``iss`` of an unexpired, well-formed three-part JWT (signature not verified)."""
+    parts = value.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        decoded = [json.loads(base64.urlsafe_b64decode(p + "=" * (-len(p) % 4))) for p in parts[:2]]
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+    header, claims = decoded
+    if not isinstance(header, dict) or not isinstance(claims, dict) or "alg" not in header:
+        return None
+    if not isinstance(claims.get("exp"), int | float) or claims["exp"] < time.time():
+        return None
+    return str(claims.get("iss")) if claims.get("iss") is not None else None
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], standin: GitHubStandIn) -> None:
+        super().__init__(address, _Handler)
+        self.standin = standin
+        self.open_connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):  # a client that went away is not news
+            super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.connections_lock:
+            self.server.open_connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.server.connections_lock:
+            self.server.open_connections.discard(self.connection)
+        super().finish()
+
+    def do_GET(self) -> None:
+        self.server.standin._serve(self)
+
+    do_POST = do_PATCH = do_PUT = do_DELETE = do_GET
+
+    def log_message(self, format: str, *args: Any) -> None:  # request lines carry no secrets
+        if self.server.standin.verbose:
+            super().log_message(format, *args)
+
+
+class GitHubStandIn(Faults):
+    """See the module docstring. Fault injection (``add_latency``, ``fail_next``,
+    ``rate_limit_next``, ``hold``, ``clear_faults``) comes from :class:`Faults`."""
+
+    def __init__(
+        self,
+        tokens: Iterable[str] = (),
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        login: str = "leasehold-standin",
+        app_id: int | str | None = None,
+        installation_token_ttl: float = 3600.0,
+        verbose: bool = False,
+    ) -> None:
+        super().__init__()
+        self._tokens = set(tokens)
+        self._address = (host, port)
+        self.login = login
+        self.app_id = None if app_id is None else str(app_id)  # None: any issuer
+        self.installation_token_ttl = installation_token_ttl
+        self.verbose = verbose
+        self._store = Store()
+        self._issued: dict[str, tuple[float, str]] = {}  # token -> (expiry, app id)
+        self._presented: set[str] = set()  # raw Authorization values; never logged
+        self._auth_lock = threading.Lock()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        pattern: list[tuple[str, str, Callable[..., Answer]]] = [
+            ("POST", OWNER_REPO + r"/issues/(?P<number>\d+)/comments$", self._create_comment),
+            ("GET", OWNER_REPO + r"/issues/(?P<number>\d+)/comments$", self._list_comments),
+            ("GET", OWNER_REPO + r"/issues/comments/(?P<id>\d+)$", self._get_comment),
+            ("PATCH", OWNER_REPO + r"/issues/comments/(?P<id>\d+)$", self._edit_comment),
+            ("POST", OWNER_REPO + r"/check-runs$", self._create_run),
+            ("GET", OWNER_REPO + r"/check-runs/(?P<id>\d+)$", self._get_run),
+            ("PATCH", OWNER_REPO + r"/check-runs/(?P<id>\d+)$", self._update_run),
+            ("GET", OWNER_REPO + r"/commits/(?P<ref>[^/]+)/check-runs$", self._list_runs),
+            ("POST", r"^/app/installations/(?P<id>\d+)/access_tokens$", self._issue_token),
+        ]
+        self._routes = [(m, re.compile(p), f) for m, p, f in pattern]
+
+    # lifecycle
+    @property
+    def url(self) -> str:
+        """Base URL for githubkit's ``base_url`` (no trailing slash)."""
+        if self._server is None:
+            raise RuntimeError("the GitHub stand-in is not started")
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> GitHubStandIn:
+        if self._server is None:
+            self._server = _Server(self._address, self)
+            self._thread = threading.Thread(
+                target=self._server.serve_forever, name="github-standin", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Release every gate, stop serving, drop open connections. Idempotent."""
+        server, self._server = self._server, None
+        self.clear_faults()
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        with server.connections_lock:
+            for conn in list(server.open_connections):
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> GitHubStandIn:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # what happened
+    def requests(self) -> list[RecordedRequest]:
+        """Every request so far, in arrival order (a copy)."""
+        return self._store.requests()
+
+    def comments(self, owner: str, repo: str, number: int) -> list[Comment]:
+        """The current version of each comment on the issue or pull request, by id."""
+        return self._store.comments(owner, repo, number)
+
+    def comment_history(self, comment_id: int) -> list[str]:
+        """Every body the comment ever had, in order, starting with its creation."""
+        return [version.body for version in self._store.comment_history(comment_id)]
+
+    def comment_versions(self, comment_id: int) -> list[Comment]:
+        return self._store.comment_history(comment_id)
+
+    def check_runs(
+        self,
+        owner: str | None = None,
+        repo: str | None = None,
+        head_sha: str | None = None,
+        name: str | None = None,
+    ) -> list[CheckRun]:
+        """The current version of each matching check run, by id."""
+        return self._store.check_runs(owner, repo, head_sha, name)
+
+    def check_run_history(self, run_id: int) -> list[CheckRun]:
+        """Every version of the check run, in order, starting with its creation."""
+        return self._store.check_run_history(run_id)
+
+    def secret_recorded(self, secret: str) -> bool:
+        """Whether ``secret`` appears in anything the stand-in keeps or shows (log, comments,
+        check runs). Tests assert this is False for tokens."""
+        return self._store.contains(secret)
+
+    def credential_presented(self, secret: str) -> bool:
+        """Whether some request's ``Authorization`` header carried ``secret`` (so that a
+        ``secret_recorded(...) is False`` check is not vacuous)."""
+        with self._auth_lock:
+            return any(secret in value for value in self._presented)
+
+    # serving
+    def _identify(self, header: str | None, path: str) -> str:
+        if not header:
+            return "none"
+        scheme, _, value = header.strip().partition(" ")
+        value = value.strip()
+        with self._auth_lock:
+            self._presented.add(header)
+            if scheme.lower() not in ("token", "bearer") or not value:
+                return "invalid"
+            if value in self._tokens:
+                return "token"
+            expiry = self._issued.get(value, (0.0, ""))[0]
+            if expiry > time.time():
+                return "installation"
+        issuer = _jwt_issuer(value) if scheme.lower() == "bearer" else None
+        if issuer is not None and path.startswith("/app/"):
+            return "app" if self.app_id in (None, issuer) else "invalid"
+        return "invalid"
+
+    def _serve(self, handler: _Handler) -> None:
+        split = urlsplit(handler.path)
+        path, query = split.path, dict(parse_qsl(split.query, keep_blank_values=True))
+        raw = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+        try:
+            body: Any = json.loads(raw) if raw else None
+            bad_json = False
+        except ValueError:
+            body, bad_json = None, True
+        auth = self._identify(handler.headers.get("Authorization"), path)
+        seq = self._store.arrive(handler.command, path, query, body, auth)
+        fault: str | None = None
+        gate: Gate | None = None
+        if delay := self._latency_for(handler.command, path):
+            fault = "latency"
+            time.sleep(delay)
+        try:
+            if auth in ("none", "invalid"):
+                raise ApiError(401, "Requires authentication" if auth == "none" else "Bad credentials")
+            if canned := self._canned_for(handler.command, path):
+                fault = canned[0]
+                raise canned[1]
+            if bad_json:
+                raise ApiError(400, "Problems parsing JSON")
+            if gate := self._gate_for(handler.command, path):
+                fault = "held"
+                if gate.apply == "on_release":
+                    gate._block()
+            status, headers, payload = self._dispatch(handler.command, path, query, body, auth)
+            if gate and gate.apply == "on_arrival":
+                gate._block()
+        except ApiError as error:
+            status, headers, payload = error.status, error.headers, error.body
+        self._store.answer(seq, status, fault)
+        data = json.dumps(payload).encode()
+        try:
+            handler.send_response(status)
+            handler.send_header("Content-Type", "application/json; charset=utf-8")
+            handler.send_header("Content-Length", str(len(data)))
+            for key, value in headers.items():
+                handler.send_header(key, value)
+            handler.end_headers()
+            handler.wfile.write(data)
+            handler.wfile.flush()
+        except OSError:
+            handler.close_connection = True
+        finally:
+            if gate:
+                gate._done()
+
+    def _dispatch(self, method: str, path: str, query: dict[str, str], body: Any, auth: str) -> Answer:
+        for route_method, pattern, handler in self._routes:
+            if route_method == method and (match := pattern.match(path)):
+                params = {k: unquote(v) for k, v in match.groupdict().items()}
+                return handler(query=query, body=body, auth=auth, **params)
+        raise ApiError(404, "Not Found")
+
+    def _author(self, auth: str) -> str:
+        return f"standin-app-{self.app_id or 'app'}[bot]" if auth == "installation" else self.login
+
+    # endpoints
+    def _create_comment(self, owner: str, repo: str, number: str, body: Any, auth: str, **_: Any) -> Answer:
+        created = self._store.create_comment(owner, repo, int(number), body, self._author(auth))
+        return 201, {}, _comment_json(created, self.url)
+
+    def _list_comments(self, owner: str, repo: str, number: str, query: dict[str, str], **_: Any) -> Answer:
+        found = self._store.comments(owner, repo, int(number))
+        page, headers = _page(found, query, f"{self.url}/repos/{owner}/{repo}/issues/{number}/comments")
+        return 200, headers, [_comment_json(c, self.url) for c in page]
+
+    def _get_comment(self, owner: str, repo: str, id: str, **_: Any) -> Answer:
+        return 200, {}, _comment_json(self._store.get_comment(owner, repo, int(id)), self.url)
+
+    def _edit_comment(self, owner: str, repo: str, id: str, body: Any, **_: Any) -> Answer:
+        return 200, {}, _comment_json(self._store.edit_comment(owner, repo, int(id), body), self.url)
+
+    def _create_run(self, owner: str, repo: str, body: Any, **_: Any) -> Answer:
+        return 201, {}, _run_json(self._store.create_run(owner, repo, body), self.url)
+
+    def _get_run(self, owner: str, repo: str, id: str, **_: Any) -> Answer:
+        return 200, {}, _run_json(self._store.get_run(owner, repo, int(id)), self.url)
+
+    def _update_run(self, owner: str, repo: str, id: str, body: Any, **_: Any) -> Answer:
+        return 200, {}, _run_json(self._store.update_run(owner, repo, int(id), body), self.url)
+
+    def _list_runs(self, owner: str, repo: str, ref: str, query: dict[str, str], **_: Any) -> Answer:
+        """``ref`` matches a run's ``head_sha``; ``filter=latest`` (the default) keeps the most
+        recent run of each name, ``all`` keeps every run."""
+        if query.get("filter", "latest") not in ("latest", "all"):
+            raise ApiError(422, "Validation Failed", errors=[{"field": "filter", "code": "invalid"}])
+        runs = self._store.check_runs(owner, repo, ref, query.get("check_name"))
+        if "status" in query:
+            runs = [r for r in runs if r.status == query["status"]]
+        if query.get("filter", "latest") == "latest":
+            runs = list({r.name: r for r in runs}.values())  # by id: the last of a name wins
+        page, headers = _page(runs, query, f"{self.url}/repos/{owner}/{repo}/commits/{ref}/check-runs")
+        return 200, headers, {"total_count": len(runs), "check_runs": [_run_json(r, self.url) for r in page]}
+
+    def _issue_token(self, id: str, auth: str, **_: Any) -> Answer:
+        if auth != "app":
+            raise ApiError(401, "A JSON web token could not be decoded")
+        token = "ghs_" + secrets.token_urlsafe(27)
+        expires = now() + timedelta(seconds=self.installation_token_ttl)
+        with self._auth_lock:
+            self._issued[token] = (expires.timestamp(), id)
+        answer = {"token": token, "expires_at": _ts(expires), "repository_selection": "all",
+                  "permissions": {"issues": "write", "checks": "write", "pull_requests": "write"}}
+        return 201, {}, answer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the GitHub stand-in until interrupted.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--token", action="append", default=[], help="an accepted token (repeatable)")
+    parser.add_argument("--app-id", default=None, help="accept App JWTs only from this issuer")
+    parser.add_argument("--quiet", action="store_true", help="do not log request lines")
+    args = parser.parse_args(argv)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    standin = GitHubStandIn(args.token, host=args.host, port=args.port, app_id=args.app_id,
+                            verbose=not args.quiet)  # fmt: skip
+    with standin:
+        print(standin.url, flush=True)
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
