@@ -80,6 +80,22 @@ leasehold_effect_timeout = _number("LEASEHOLD_EFFECT_TIMEOUT", 10.0)
 leasehold_effect_grace = _number("LEASEHOLD_EFFECT_GRACE", leasehold_effect_timeout + 2.0)
 leasehold_comment_interval = _number("LEASEHOLD_COMMENT_INTERVAL", 10.0)
 leasehold_github_api_url = _env.get("LEASEHOLD_GITHUB_API_URL") or "https://api.github.com"
+# Secrets: Celery censors settings named like *TOKEN*/*KEY* in `celery inspect conf`, and
+# leasehold never logs them.
+leasehold_github_token = _env.get("LEASEHOLD_GITHUB_TOKEN") or None
+leasehold_github_app_id = _env.get("LEASEHOLD_GITHUB_APP_ID") or None
+leasehold_github_app_private_key = _env.get("LEASEHOLD_GITHUB_APP_PRIVATE_KEY") or None
+leasehold_github_app_installation_id = _env.get("LEASEHOLD_GITHUB_APP_INSTALLATION_ID") or None
+_app_parts = (
+    leasehold_github_app_id,
+    leasehold_github_app_private_key,
+    leasehold_github_app_installation_id,
+)
+if any(_app_parts) and not all(_app_parts):
+    raise LeaseholdConfigError(
+        "GitHub App auth needs LEASEHOLD_GITHUB_APP_ID, LEASEHOLD_GITHUB_APP_PRIVATE_KEY (PEM text "
+        "or a file path) and LEASEHOLD_GITHUB_APP_INSTALLATION_ID together"
+    )
 leasehold_targets = _targets(_env.get("LEASEHOLD_TARGETS"))
 
 for _name, _value in (

@@ -1,7 +1,8 @@
 """A GitHub stand-in: a real HTTP server on 127.0.0.1 speaking the slice of GitHub's REST API
 that leasehold calls (issue comments, check runs, App installation tokens), with GitHub's paths,
 status codes and JSON shapes. It records every request, keeps every version of every comment and
-check run, and injects faults (``tasks.github.standin_faults``). Tests and ``leasehold demo`` use it.
+check run, and injects faults (``tasks.github.standin_faults``). Tests and ``leasehold demo``
+use it.
 
     with GitHubStandIn(tokens=["t0k3n"]) as gh:
         GitHub(TokenAuthStrategy("t0k3n"), base_url=gh.url, ...)
@@ -12,8 +13,7 @@ Run it by hand: ``python -m tasks.github.standin --port 0 --token X`` prints its
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
+import contextlib
 import json
 import re
 import secrets
@@ -22,17 +22,15 @@ import socket
 import sys
 import threading
 import time
-import zlib
-from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable, Iterable
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from tasks.github.standin_faults import Faults, Gate
 from tasks.github.standin_store import (
-    JSON,
     ApiError,
     CheckRun,
     Comment,
@@ -40,97 +38,12 @@ from tasks.github.standin_store import (
     Store,
     now,
 )
+from tasks.github.standin_wire import comment_json, jwt_issuer, paginate, run_json, ts
 
 __all__ = ["ApiError", "CheckRun", "Comment", "Gate", "GitHubStandIn", "RecordedRequest"]
 
 Answer = tuple[int, dict[str, str], Any]
 OWNER_REPO = r"^/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)"
-
-
-def _ts(at: datetime | None) -> str | None:
-    return at.strftime("%Y-%m-%dT%H:%M:%SZ") if at else None
-
-
-def _user(login: str, api: str) -> JSON:
-    uid = zlib.crc32(login.encode())
-    url = f"{api}/users/{login}"
-    return {
-        "login": login, "id": uid, "node_id": f"U_standin{uid}", "gravatar_id": "",
-        "avatar_url": f"{api}/avatars/{login}", "url": url, "html_url": f"{api}/{login}",
-        "followers_url": f"{url}/followers", "following_url": f"{url}/following{{/other_user}}",
-        "gists_url": f"{url}/gists{{/gist_id}}", "starred_url": f"{url}/starred{{/owner}}{{/repo}}",
-        "subscriptions_url": f"{url}/subscriptions", "organizations_url": f"{url}/orgs",
-        "repos_url": f"{url}/repos", "events_url": f"{url}/events{{/privacy}}",
-        "received_events_url": f"{url}/received_events",
-        "type": "Bot" if login.endswith("[bot]") else "User", "site_admin": False,
-    }  # fmt: skip
-
-
-def _comment_json(c: Comment, api: str) -> JSON:
-    repo = f"{api}/repos/{c.owner}/{c.repo}"
-    return {
-        "id": c.id, "node_id": f"IC_standin{c.id}", "url": f"{repo}/issues/comments/{c.id}",
-        "html_url": f"{api}/{c.owner}/{c.repo}/issues/{c.issue_number}#issuecomment-{c.id}",
-        "issue_url": f"{repo}/issues/{c.issue_number}", "body": c.body,
-        "user": _user(c.user, api), "created_at": _ts(c.created_at),
-        "updated_at": _ts(c.updated_at), "author_association": "NONE",
-        "performed_via_github_app": None,
-    }  # fmt: skip
-
-
-def _run_json(r: CheckRun, api: str) -> JSON:
-    url = f"{api}/repos/{r.owner}/{r.repo}/check-runs/{r.id}"
-    return {
-        "id": r.id, "node_id": f"CR_standin{r.id}", "head_sha": r.head_sha, "name": r.name,
-        "external_id": r.external_id, "url": url, "details_url": r.details_url,
-        "html_url": f"{api}/{r.owner}/{r.repo}/runs/{r.id}", "status": r.status,
-        "conclusion": r.conclusion, "started_at": _ts(r.started_at),
-        "completed_at": _ts(r.completed_at),
-        "output": {"title": r.output_title, "summary": r.output_summary, "text": r.output_text,
-                   "annotations_count": 0, "annotations_url": f"{url}/annotations"},
-        "check_suite": {"id": zlib.crc32(f"{r.owner}/{r.repo}@{r.head_sha}".encode())},
-        "app": None, "pull_requests": [],
-    }  # fmt: skip
-
-
-def _page(items: list[Any], query: Mapping[str, str], url: str) -> tuple[list[Any], dict[str, str]]:
-    """GitHub's page/per_page slicing and its ``Link`` header (prev, next, last, first)."""
-
-    def number(key: str, default: int) -> int:
-        try:
-            return int(query.get(key, default))
-        except ValueError:
-            return default
-
-    per_page, page = min(max(number("per_page", 30), 1), 100), max(number("page", 1), 1)
-    last = max(1, -(-len(items) // per_page))
-
-    def link(to: int, rel: str) -> str:
-        return f'<{url}?{urlencode({**query, "per_page": per_page, "page": to})}>; rel="{rel}"'
-
-    links = [link(page - 1, "prev")] if page > 1 else []
-    if page < last:
-        links += [link(page + 1, "next"), link(last, "last")]
-    if page > 1:
-        links.append(link(1, "first"))
-    return items[(page - 1) * per_page : page * per_page], {"Link": ", ".join(links)} if links else {}
-
-
-def _jwt_issuer(value: str) -> str | None:
-    """The ``iss`` of an unexpired, well-formed three-part JWT (signature not verified)."""
-    parts = value.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        decoded = [json.loads(base64.urlsafe_b64decode(p + "=" * (-len(p) % 4))) for p in parts[:2]]
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        return None
-    header, claims = decoded
-    if not isinstance(header, dict) or not isinstance(claims, dict) or "alg" not in header:
-        return None
-    if not isinstance(claims.get("exp"), int | float) or claims["exp"] < time.time():
-        return None
-    return str(claims.get("iss")) if claims.get("iss") is not None else None
 
 
 class _Server(ThreadingHTTPServer):
@@ -203,13 +116,13 @@ class GitHubStandIn(Faults):
         pattern: list[tuple[str, str, Callable[..., Answer]]] = [
             ("POST", OWNER_REPO + r"/issues/(?P<number>\d+)/comments$", self._create_comment),
             ("GET", OWNER_REPO + r"/issues/(?P<number>\d+)/comments$", self._list_comments),
-            ("GET", OWNER_REPO + r"/issues/comments/(?P<id>\d+)$", self._get_comment),
-            ("PATCH", OWNER_REPO + r"/issues/comments/(?P<id>\d+)$", self._edit_comment),
+            ("GET", OWNER_REPO + r"/issues/comments/(?P<item_id>\d+)$", self._get_comment),
+            ("PATCH", OWNER_REPO + r"/issues/comments/(?P<item_id>\d+)$", self._edit_comment),
             ("POST", OWNER_REPO + r"/check-runs$", self._create_run),
-            ("GET", OWNER_REPO + r"/check-runs/(?P<id>\d+)$", self._get_run),
-            ("PATCH", OWNER_REPO + r"/check-runs/(?P<id>\d+)$", self._update_run),
+            ("GET", OWNER_REPO + r"/check-runs/(?P<item_id>\d+)$", self._get_run),
+            ("PATCH", OWNER_REPO + r"/check-runs/(?P<item_id>\d+)$", self._update_run),
             ("GET", OWNER_REPO + r"/commits/(?P<ref>[^/]+)/check-runs$", self._list_runs),
-            ("POST", r"^/app/installations/(?P<id>\d+)/access_tokens$", self._issue_token),
+            ("POST", r"^/app/installations/(?P<item_id>\d+)/access_tokens$", self._issue_token),
         ]
         self._routes = [(m, re.compile(p), f) for m, p, f in pattern]
 
@@ -241,10 +154,8 @@ class GitHubStandIn(Faults):
         server.server_close()
         with server.connections_lock:
             for conn in list(server.open_connections):
-                try:
+                with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
         if self._thread is not None:
             self._thread.join()
 
@@ -252,7 +163,10 @@ class GitHubStandIn(Faults):
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.stop()
 
@@ -312,7 +226,7 @@ class GitHubStandIn(Faults):
             expiry = self._issued.get(value, (0.0, ""))[0]
             if expiry > time.time():
                 return "installation"
-        issuer = _jwt_issuer(value) if scheme.lower() == "bearer" else None
+        issuer = jwt_issuer(value) if scheme.lower() == "bearer" else None
         if issuer is not None and path.startswith("/app/"):
             return "app" if self.app_id in (None, issuer) else "invalid"
         return "invalid"
@@ -335,7 +249,9 @@ class GitHubStandIn(Faults):
             time.sleep(delay)
         try:
             if auth in ("none", "invalid"):
-                raise ApiError(401, "Requires authentication" if auth == "none" else "Bad credentials")
+                raise ApiError(
+                    401, "Requires authentication" if auth == "none" else "Bad credentials"
+                )
             if canned := self._canned_for(handler.command, path):
                 fault = canned[0]
                 raise canned[1]
@@ -367,7 +283,9 @@ class GitHubStandIn(Faults):
             if gate:
                 gate._done()
 
-    def _dispatch(self, method: str, path: str, query: dict[str, str], body: Any, auth: str) -> Answer:
+    def _dispatch(
+        self, method: str, path: str, query: dict[str, str], body: Any, auth: str
+    ) -> Answer:
         for route_method, pattern, handler in self._routes:
             if route_method == method and (match := pattern.match(path)):
                 params = {k: unquote(v) for k, v in match.groupdict().items()}
@@ -378,52 +296,76 @@ class GitHubStandIn(Faults):
         return f"standin-app-{self.app_id or 'app'}[bot]" if auth == "installation" else self.login
 
     # endpoints
-    def _create_comment(self, owner: str, repo: str, number: str, body: Any, auth: str, **_: Any) -> Answer:
+    def _create_comment(
+        self, owner: str, repo: str, number: str, body: Any, auth: str, **_: Any
+    ) -> Answer:
         created = self._store.create_comment(owner, repo, int(number), body, self._author(auth))
-        return 201, {}, _comment_json(created, self.url)
+        return 201, {}, comment_json(created, self.url)
 
-    def _list_comments(self, owner: str, repo: str, number: str, query: dict[str, str], **_: Any) -> Answer:
+    def _list_comments(
+        self, owner: str, repo: str, number: str, query: dict[str, str], **_: Any
+    ) -> Answer:
         found = self._store.comments(owner, repo, int(number))
-        page, headers = _page(found, query, f"{self.url}/repos/{owner}/{repo}/issues/{number}/comments")
-        return 200, headers, [_comment_json(c, self.url) for c in page]
+        shown, headers = paginate(
+            found, query, f"{self.url}/repos/{owner}/{repo}/issues/{number}/comments"
+        )
+        return 200, headers, [comment_json(c, self.url) for c in shown]
 
-    def _get_comment(self, owner: str, repo: str, id: str, **_: Any) -> Answer:
-        return 200, {}, _comment_json(self._store.get_comment(owner, repo, int(id)), self.url)
+    def _get_comment(self, owner: str, repo: str, item_id: str, **_: Any) -> Answer:
+        return 200, {}, comment_json(self._store.get_comment(owner, repo, int(item_id)), self.url)
 
-    def _edit_comment(self, owner: str, repo: str, id: str, body: Any, **_: Any) -> Answer:
-        return 200, {}, _comment_json(self._store.edit_comment(owner, repo, int(id), body), self.url)
+    def _edit_comment(self, owner: str, repo: str, item_id: str, body: Any, **_: Any) -> Answer:
+        return (
+            200,
+            {},
+            comment_json(self._store.edit_comment(owner, repo, int(item_id), body), self.url),
+        )
 
     def _create_run(self, owner: str, repo: str, body: Any, **_: Any) -> Answer:
-        return 201, {}, _run_json(self._store.create_run(owner, repo, body), self.url)
+        return 201, {}, run_json(self._store.create_run(owner, repo, body), self.url)
 
-    def _get_run(self, owner: str, repo: str, id: str, **_: Any) -> Answer:
-        return 200, {}, _run_json(self._store.get_run(owner, repo, int(id)), self.url)
+    def _get_run(self, owner: str, repo: str, item_id: str, **_: Any) -> Answer:
+        return 200, {}, run_json(self._store.get_run(owner, repo, int(item_id)), self.url)
 
-    def _update_run(self, owner: str, repo: str, id: str, body: Any, **_: Any) -> Answer:
-        return 200, {}, _run_json(self._store.update_run(owner, repo, int(id), body), self.url)
+    def _update_run(self, owner: str, repo: str, item_id: str, body: Any, **_: Any) -> Answer:
+        return 200, {}, run_json(self._store.update_run(owner, repo, int(item_id), body), self.url)
 
-    def _list_runs(self, owner: str, repo: str, ref: str, query: dict[str, str], **_: Any) -> Answer:
+    def _list_runs(
+        self, owner: str, repo: str, ref: str, query: dict[str, str], **_: Any
+    ) -> Answer:
         """``ref`` matches a run's ``head_sha``; ``filter=latest`` (the default) keeps the most
         recent run of each name, ``all`` keeps every run."""
         if query.get("filter", "latest") not in ("latest", "all"):
-            raise ApiError(422, "Validation Failed", errors=[{"field": "filter", "code": "invalid"}])
+            raise ApiError(
+                422, "Validation Failed", errors=[{"field": "filter", "code": "invalid"}]
+            )
         runs = self._store.check_runs(owner, repo, ref, query.get("check_name"))
         if "status" in query:
             runs = [r for r in runs if r.status == query["status"]]
         if query.get("filter", "latest") == "latest":
             runs = list({r.name: r for r in runs}.values())  # by id: the last of a name wins
-        page, headers = _page(runs, query, f"{self.url}/repos/{owner}/{repo}/commits/{ref}/check-runs")
-        return 200, headers, {"total_count": len(runs), "check_runs": [_run_json(r, self.url) for r in page]}
+        shown, headers = paginate(
+            runs, query, f"{self.url}/repos/{owner}/{repo}/commits/{ref}/check-runs"
+        )
+        return (
+            200,
+            headers,
+            {"total_count": len(runs), "check_runs": [run_json(r, self.url) for r in shown]},
+        )
 
-    def _issue_token(self, id: str, auth: str, **_: Any) -> Answer:
+    def _issue_token(self, item_id: str, auth: str, **_: Any) -> Answer:
         if auth != "app":
             raise ApiError(401, "A JSON web token could not be decoded")
         token = "ghs_" + secrets.token_urlsafe(27)
         expires = now() + timedelta(seconds=self.installation_token_ttl)
         with self._auth_lock:
-            self._issued[token] = (expires.timestamp(), id)
-        answer = {"token": token, "expires_at": _ts(expires), "repository_selection": "all",
-                  "permissions": {"issues": "write", "checks": "write", "pull_requests": "write"}}
+            self._issued[token] = (expires.timestamp(), item_id)
+        answer = {
+            "token": token,
+            "expires_at": ts(expires),
+            "repository_selection": "all",
+            "permissions": {"issues": "write", "checks": "write", "pull_requests": "write"},
+        }
         return 201, {}, answer
 
 
@@ -431,7 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the GitHub stand-in until interrupted.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    parser.add_argument("--token", action="append", default=[], help="an accepted token (repeatable)")
+    parser.add_argument(
+        "--token", action="append", default=[], help="an accepted token (repeatable)"
+    )
     parser.add_argument("--app-id", default=None, help="accept App JWTs only from this issuer")
     parser.add_argument("--quiet", action="store_true", help="do not log request lines")
     args = parser.parse_args(argv)
@@ -441,10 +385,8 @@ def main(argv: list[str] | None = None) -> int:
                             verbose=not args.quiet)  # fmt: skip
     with standin:
         print(standin.url, flush=True)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
-        except KeyboardInterrupt:
-            pass
     return 0
 
 
