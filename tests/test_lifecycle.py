@@ -47,7 +47,7 @@ def test_dispatch_from_pending(db: Database) -> None:
     assert row["lease_owner"] is None
     assert row["lease_acquired_at"] is None
     assert row["heartbeat_at"] is not None
-    assert 0 <= row["heartbeat_age"] < 5
+    assert -1 < row["heartbeat_age"] < 5  # julianday arithmetic is not exact to the ms
     assert support.log_events(db, apply_id) == [(1, "dispatched")]
 
 
@@ -153,7 +153,7 @@ def test_heartbeat_moves_heartbeat_at_by_the_db_clock(db: Database) -> None:
     assert 3590 < aged["heartbeat_age"] < 3660
     heartbeat(db, lease)
     fresh = applies_repo.get(db, lease.apply_id)
-    assert 0 <= fresh["heartbeat_age"] < 5
+    assert -1 < fresh["heartbeat_age"] < 5
     assert fresh["heartbeat_at"] > aged["heartbeat_at"]
     # Only liveness moved: the lease itself is untouched.
     assert (fresh["lease_epoch"], fresh["lease_token"], fresh["lease_owner"]) == (
