@@ -8,7 +8,7 @@ rotates and logs together). Minting tokens and deciding *when* to rotate is ``le
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import Connection
 
@@ -21,7 +21,7 @@ class LeaseRow:
     apply_id: int
     state: str
     epoch: int
-    token: str | None
+    token: str | None = field(repr=False)  # never a whole token in a repr or a log
     owner: str | None = None
     reclaim_count: int = 0
 
@@ -134,7 +134,7 @@ def redeem(conn: Connection, apply_id: int, *, epoch: int, token: str, owner: st
 
 
 def heartbeat(conn: Connection, apply_id: int, *, epoch: int, token: str) -> None:
-    result = conn.execute(statements.heartbeat(apply_id, token=token))
+    result = conn.execute(statements.heartbeat(apply_id, epoch=epoch, token=token))
     if result.rowcount != 1:
         raise explain_mismatch(conn, apply_id, epoch, token, wanted="heartbeat")
 

@@ -138,12 +138,13 @@ def redeem(apply_id: int, *, epoch: int, token: str, owner: str) -> Update:
     )
 
 
-def heartbeat(apply_id: int, *, token: str) -> Update:
+def heartbeat(apply_id: int, *, epoch: int, token: str) -> Update:
     """Liveness, fenced in one statement: the row lock of the UPDATE is the fence."""
     return (
         applies.update()
         .where(
             applies.c.id == apply_id,
+            applies.c.lease_epoch == epoch,
             applies.c.lease_token == token,
             applies.c.state == ApplyState.RUNNING,
         )
