@@ -179,6 +179,8 @@ class Result:
     statements: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     # One more statement inside an open transaction: what the fence adds, as a floor.
     round_trip: list[int] = field(default_factory=list)
+    # The progress write at the DBAPI level (no SQLAlchemy, no pool pre-ping): plain, fenced.
+    driver: dict[str, list[int]] = field(default_factory=dict)
 
     def median(self, write: str, shape: str) -> float:
         return _common.median_us(self.samples[write, shape])
@@ -218,6 +220,52 @@ def trace_statements(db: Database, op: Callable[[], None]) -> list[str]:
         event.remove(db.engine, "before_cursor_execute", on_execute)
         event.remove(db.engine, "commit", on_commit)
     return seen
+
+
+def driver_level(db: Database, lease: Lease, task_id: int, iterations: int) -> dict[str, list[int]]:
+    """The progress write, plain and fenced, on the bare DBAPI connection, interleaved: the SQL
+    is leasehold's own statements compiled once, so only the round trips remain."""
+    dialect = db.engine.dialect
+
+    def compiled(stmt: Any) -> tuple[str, list[str], dict[str, Any]]:
+        c = stmt.compile(dialect=dialect)
+        return c.string, list(c.positiontup or []), dict(c.params)
+
+    update_sql, update_keys, update_params = compiled(
+        statements.update_task(lease.apply_id, task_id, epoch=lease.epoch, values={"progress": 0})
+    )
+    fence_sql, fence_keys, fence_params = compiled(statements.fence(lease.apply_id, lease.token))
+    fence_args = [fence_params[k] for k in fence_keys]
+    samples: dict[str, list[int]] = {"plain": [], "fenced": []}
+    raw = db.engine.raw_connection()
+    try:
+        conn: Any = raw.driver_connection
+        cursor = conn.cursor()
+        counter = 0
+
+        def write(fenced_first: bool) -> None:
+            nonlocal counter
+            counter += 1
+            update_params["progress"] = counter % 101
+            if db.is_sqlite:
+                cursor.execute("BEGIN IMMEDIATE")
+            if fenced_first:
+                cursor.execute(fence_sql, fence_args)
+                if cursor.fetchone() is None:
+                    raise LeaseLost(lease.apply_id, lease.epoch, reason="driver-level fence")
+            cursor.execute(update_sql, [update_params[k] for k in update_keys])
+            conn.commit()
+
+        for i in range(iterations):
+            order = ("plain", "fenced") if i % 2 == 0 else ("fenced", "plain")
+            for shape in order:
+                start = time.perf_counter_ns()
+                write(shape == "fenced")
+                samples[shape].append(time.perf_counter_ns() - start)
+        cursor.close()
+    finally:
+        raw.close()
+    return samples
 
 
 def orders(iteration: int) -> Iterator[tuple[str, str]]:
@@ -261,6 +309,7 @@ def measure(
                 start = clock_ns()
                 conn.execute(probe).scalar_one()
                 result.round_trip.append(clock_ns() - start)
+        result.driver = driver_level(db, lease, task_ids[0], iterations)
     finally:
         gc.enable()
     return result
@@ -289,6 +338,11 @@ def report(result: Result) -> None:
     print(
         f"   one more statement in an open transaction (SELECT 1): median {extra:.1f} us; "
         f"the fence added (median us): {added}"
+    )
+    plain, fenced_ = (_common.median_us(result.driver[k]) for k in ("plain", "fenced"))
+    print(
+        f"   progress at the DBAPI level (statements compiled once, no SQLAlchemy, no pre-ping): "
+        f"plain {plain:.1f} us, fenced {fenced_:.1f} us = {_common.ratio(fenced_, plain):.2f}x"
     )
     for write in WRITES:
         for shape in ("fenced", "single"):
