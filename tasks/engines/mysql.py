@@ -8,6 +8,7 @@ reports MariaDB's own ALTER progress (``information_schema.PROCESSLIST.PROGRESS`
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import Mapping
@@ -20,6 +21,8 @@ from sqlalchemy.pool import NullPool
 
 from storage.errors import ConfigurationError, InvalidInput
 from tasks.engines.base import Engine, EngineCancelled, EngineContext, EngineError, TaskSpec
+
+log = logging.getLogger(__name__)
 
 POLL: Final = 0.2
 _NAME = r"`?([A-Za-z0-9_$]+)`?"
@@ -74,12 +77,14 @@ class MySQLEngine(Engine):
     def already_applied(self, task: TaskSpec) -> bool:
         ddl = task.ddl
         checks: list[tuple[Any, dict[str, str], bool]] = []
-        if m := _ADD_COLUMN.match(ddl):
+        # ADD INDEX before ADD COLUMN, whose optional COLUMN keyword would read the INDEX, KEY
+        # or UNIQUE keyword as a column name.
+        if m := _ADD_INDEX.match(ddl):
+            checks.append((_INDEX_EXISTS, {"t": m[1], "i": m[2]}, True))
+        elif m := _ADD_COLUMN.match(ddl):
             checks.append((_COLUMN_EXISTS, {"t": m[1], "c": m[2]}, True))
         elif m := _DROP_COLUMN.match(ddl):
             checks.append((_COLUMN_EXISTS, {"t": m[1], "c": m[2]}, False))
-        elif m := _ADD_INDEX.match(ddl):
-            checks.append((_INDEX_EXISTS, {"t": m[1], "i": m[2]}, True))
         elif m := _CREATE_INDEX.match(ddl):
             checks.append((_INDEX_EXISTS, {"t": m[2], "i": m[1]}, True))
         elif m := _CREATE_TABLE.match(ddl):
@@ -118,18 +123,30 @@ class MySQLEngine(Engine):
         runner = threading.Thread(target=execute, name=f"ddl-{task.id}", daemon=True)
         runner.start()
         started.wait()
-        ctx.progress(0)
         killed = False
-        with engine.connect() as watcher:
-            while runner.is_alive():
-                runner.join(POLL)
-                if ctx.cancelled.is_set() and not killed and connection_id:
-                    watcher.execute(text(f"KILL QUERY {connection_id[0]:d}"))
-                    killed = True
-                if runner.is_alive() and connection_id:
-                    value = watcher.execute(_PROGRESS, {"id": connection_id[0]}).scalar()
-                    if value is not None:
-                        ctx.progress(min(99, int(float(value))))
+        try:
+            ctx.progress(0)
+            with engine.connect() as watcher:
+                poll_progress = True
+                while runner.is_alive():
+                    runner.join(POLL)
+                    if ctx.cancelled.is_set() and not killed and connection_id:
+                        watcher.execute(text(f"KILL QUERY {connection_id[0]:d}"))
+                        killed = True
+                    if poll_progress and runner.is_alive() and connection_id:
+                        try:
+                            value = watcher.execute(_PROGRESS, {"id": connection_id[0]}).scalar()
+                        except sa_exc.DBAPIError:
+                            # MySQL has no PROCESSLIST.PROGRESS (a MariaDB column): no progress.
+                            poll_progress, value = False, None
+                        if value is not None:
+                            ctx.progress(min(99, int(float(value))))
+        except BaseException:
+            # Leaving early (LeaseLost from ctx.progress, a broken watcher connection): never
+            # leave the DDL running unattended on the target, where a new holder may run it too.
+            if not killed and runner.is_alive() and connection_id:
+                _kill_query(engine, connection_id[0])
+            raise
         error = outcome["error"]
         if killed or ctx.cancelled.is_set():
             raise EngineCancelled(f"DDL on {task.table_name} interrupted")
@@ -137,3 +154,11 @@ class MySQLEngine(Engine):
             orig = getattr(error, "orig", error)
             raise EngineError(f"DDL on {task.table_name} failed: {orig}") from error
         ctx.progress(100)
+
+
+def _kill_query(engine: SAEngine, connection_id: int) -> None:
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(f"KILL QUERY {connection_id:d}"))
+    except sa_exc.SQLAlchemyError as exc:
+        log.warning("could not KILL QUERY %d on the target: %s", connection_id, exc)

@@ -1,0 +1,398 @@
+"""Engines: the sleep engine (progress, prompt cancellation, resume from its checkpoint) and the
+mysql engine against a real MariaDB/MySQL target database created and dropped for this module."""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from storage.errors import ConfigurationError, InvalidInput, LeaseLost
+from tasks.engines import (
+    Engine,
+    EngineCancelled,
+    EngineContext,
+    EngineError,
+    TaskSpec,
+    engine_class,
+    make_engine,
+)
+from tasks.engines.mysql import MySQLEngine
+from tasks.engines.sleep import SleepEngine
+from tests.celery_fixtures import wait_until
+from tests.conftest import MYSQL_SERVER_URL, unavailable
+
+
+@dataclass
+class Recorder:
+    """An engine context's progress callback that records (percent, checkpoint)."""
+
+    calls: list[tuple[int, dict[str, Any] | None]] = field(default_factory=list)
+    raise_on_call: int | None = None  # raise LeaseLost on this call (0-based)
+
+    def __call__(self, percent: int, checkpoint: Mapping[str, Any] | None = None) -> None:
+        if self.raise_on_call is not None and len(self.calls) == self.raise_on_call:
+            self.calls.append((percent, None))
+            raise LeaseLost(1, 1, reason="test: rotated")
+        self.calls.append((percent, None if checkpoint is None else dict(checkpoint)))
+
+    @property
+    def percents(self) -> list[int]:
+        return [p for p, _ in self.calls]
+
+
+def spec(
+    ddl: str = "ALTER TABLE t ADD COLUMN c INT",
+    *,
+    options: Mapping[str, Any] | None = None,
+    checkpoint: Mapping[str, Any] | None = None,
+    database: str = "target",
+    table: str = "t",
+) -> TaskSpec:
+    return TaskSpec(
+        id=1,
+        position=0,
+        table_name=table,
+        ddl=ddl,
+        options=options or {},
+        database=database,
+        checkpoint=checkpoint,
+    )
+
+
+class Running:
+    """``engine.run`` in a thread, for cancelling it from the test."""
+
+    def __init__(self, engine: Engine, task: TaskSpec, ctx: EngineContext) -> None:
+        self.error: BaseException | None = None
+        self.ended_at: float | None = None
+        self._thread = threading.Thread(target=self._run, args=(engine, task, ctx), daemon=True)
+        self._thread.start()
+
+    def _run(self, engine: Engine, task: TaskSpec, ctx: EngineContext) -> None:
+        try:
+            engine.run(task, ctx)
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.ended_at = time.monotonic()
+
+    def join(self, timeout: float) -> BaseException | None:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"the engine did not stop within {timeout}s"
+        return self.error
+
+
+# --- registry ----------------------------------------------------------------------------------
+
+
+def test_engines_by_name() -> None:
+    assert engine_class("sleep") is SleepEngine
+    assert engine_class("mysql") is MySQLEngine
+    assert isinstance(make_engine("sleep", targets={}), SleepEngine)
+    assert isinstance(make_engine("mysql", targets={"a": "mysql://x"}), MySQLEngine)
+    with pytest.raises(InvalidInput, match="unknown engine 'pt-osc'; choose one of"):
+        make_engine("pt-osc", targets={})
+
+
+# --- sleep -------------------------------------------------------------------------------------
+
+
+def test_sleep_reports_increasing_progress_with_checkpoints() -> None:
+    progress = Recorder()
+    SleepEngine().run(spec(options={"seconds": 0.2}), EngineContext(progress=progress))
+    assert len(progress.calls) >= 3
+    assert progress.percents == sorted(progress.percents)
+    assert progress.calls[-1] == (100, {"elapsed": 0.2})
+    elapsed = [c["elapsed"] for _, c in progress.calls if c is not None]
+    assert elapsed == sorted(elapsed)
+    assert 0 < elapsed[0] < 0.2
+
+
+def test_sleep_resumes_from_its_checkpoint() -> None:
+    progress = Recorder()
+    started = time.monotonic()
+    SleepEngine().run(
+        spec(options={"seconds": 5.0}, checkpoint={"elapsed": 4.9}),
+        EngineContext(progress=progress),
+    )
+    assert time.monotonic() - started < 2.0  # 0.1 s left of 5, not 5
+    assert progress.percents[0] >= 98
+    assert progress.calls[-1] == (100, {"elapsed": 5.0})
+
+
+def test_sleep_with_a_finished_checkpoint_does_no_more_work() -> None:
+    progress = Recorder()
+    SleepEngine().run(
+        spec(options={"seconds": 3.0}, checkpoint={"elapsed": 3.0}), EngineContext(progress)
+    )
+    assert progress.calls == [(100, {"elapsed": 3.0})]
+
+
+def test_sleep_cancels_promptly() -> None:
+    progress = Recorder()
+    ctx = EngineContext(progress=progress)
+    running = Running(SleepEngine(), spec(options={"seconds": 60}), ctx)
+    wait_until(lambda: len(progress.calls) >= 2, what="the engine's progress")
+    cancelled_at = time.monotonic()
+    ctx.cancelled.set()
+    assert isinstance(running.join(5), EngineCancelled)
+    assert running.ended_at is not None
+    assert running.ended_at - cancelled_at < 0.5
+    assert progress.percents[-1] < 100
+
+
+def test_sleep_already_cancelled_does_nothing() -> None:
+    progress = Recorder()
+    ctx = EngineContext(progress=progress)
+    ctx.cancelled.set()
+    with pytest.raises(EngineCancelled):
+        SleepEngine().run(spec(options={"seconds": 60}), ctx)
+    assert progress.calls == []
+
+
+def test_sleep_fail_raises_engine_error_after_the_work() -> None:
+    progress = Recorder()
+    with pytest.raises(EngineError, match="task t failed as asked"):
+        SleepEngine().run(spec(options={"seconds": 0.05, "fail": True}), EngineContext(progress))
+    assert progress.percents[-1] == 100
+
+
+def test_sleep_zero_seconds() -> None:
+    progress = Recorder()
+    SleepEngine().run(spec(options={"seconds": 0.0}), EngineContext(progress))
+    assert progress.calls == [(100, {"elapsed": 0.0})]
+
+
+def test_sleep_lets_a_lost_lease_from_progress_through() -> None:
+    with pytest.raises(LeaseLost):
+        SleepEngine().run(spec(options={"seconds": 30}), EngineContext(Recorder(raise_on_call=1)))
+
+
+def test_sleep_is_never_already_applied() -> None:
+    assert SleepEngine().already_applied(spec()) is False
+
+
+# --- mysql -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def target_url() -> Iterator[str]:
+    """A scratch target database on the MariaDB/MySQL server; dropped at the end."""
+    if importlib.util.find_spec("MySQLdb") is None:
+        unavailable("mysqlclient is not installed; run scripts/bootstrap.sh")
+    server = make_url(MYSQL_SERVER_URL)
+    name = f"leasehold_target_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(server.set(database=None))
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f"CREATE DATABASE {name}"))
+    except Exception as exc:
+        admin.dispose()
+        unavailable(f"MySQL/MariaDB at {server.render_as_string()} is not reachable: {exc}")
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+        admin.dispose()
+
+
+@pytest.fixture
+def target(target_url: str) -> Iterator[str]:
+    """The target database with one small table ``items``; emptied after the test."""
+    engine = create_engine(target_url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE items (id INT PRIMARY KEY, name VARCHAR(20))"))
+        conn.execute(text("INSERT INTO items VALUES (1, 'a'), (2, 'b')"))
+    try:
+        yield target_url
+    finally:
+        with engine.begin() as conn:
+            tables = conn.execute(text("SHOW TABLES")).scalars().all()
+            for table in tables:
+                conn.execute(text(f"DROP TABLE `{table}`"))
+        engine.dispose()
+
+
+def _mysql(url: str) -> MySQLEngine:
+    return MySQLEngine({"target": url})
+
+
+def _scalar(url: str, sql: str) -> Any:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text(sql)).scalar()
+    finally:
+        engine.dispose()
+
+
+def _running_statements(url: str, like: str) -> int:
+    return int(
+        _scalar(
+            url,
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST "
+            f"WHERE INFO LIKE '{like}' AND ID <> CONNECTION_ID()",
+        )
+    )
+
+
+@pytest.mark.mysql
+def test_mysql_runs_add_column_then_knows_it_is_applied(target: str) -> None:
+    engine = _mysql(target)
+    task = spec("ALTER TABLE items ADD COLUMN note VARCHAR(40) NULL", table="items")
+    assert engine.already_applied(task) is False
+    progress = Recorder()
+    engine.run(task, EngineContext(progress=progress))
+    assert progress.percents[0] == 0
+    assert progress.percents[-1] == 100
+    assert engine.already_applied(task) is True
+    count = _scalar(
+        target,
+        "SELECT COUNT(*) FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() "
+        "AND TABLE_NAME = 'items' AND COLUMN_NAME = 'note'",
+    )
+    assert count == 1
+
+
+@pytest.mark.mysql
+@pytest.mark.parametrize(
+    "ddl",
+    [
+        "ALTER TABLE items ADD INDEX ix_name (name)",
+        "ALTER TABLE items ADD UNIQUE KEY uq_name (name)",
+        "CREATE INDEX ix_name_id ON items (name, id)",
+        "CREATE UNIQUE INDEX `uq_n` ON `items` (name)",
+        "CREATE TABLE orders (id INT PRIMARY KEY)",
+        "CREATE TABLE IF NOT EXISTS `orders` (id INT PRIMARY KEY)",
+        "ALTER TABLE items DROP COLUMN name",
+        "ALTER TABLE `items` DROP `name`;",
+        "alter table items add n2 int",
+        "ALTER TABLE `items` ADD COLUMN `n3` BIGINT NOT NULL DEFAULT 0",
+    ],
+)
+def test_mysql_recognises_applied_shapes(target: str, ddl: str) -> None:
+    engine = _mysql(target)
+    task = spec(ddl, table="items")
+    assert engine.already_applied(task) is False
+    engine.run(task, EngineContext(progress=Recorder()))
+    assert engine.already_applied(task) is True
+
+
+@pytest.mark.mysql
+@pytest.mark.parametrize(
+    "ddl",
+    [
+        "ALTER TABLE items MODIFY name VARCHAR(80)",
+        "ALTER TABLE items ENGINE=InnoDB",
+        "RENAME TABLE items TO items_old",
+        "ALTER TABLE items CHANGE name title VARCHAR(20)",
+    ],
+)
+def test_mysql_unknown_shapes_are_never_already_applied(target: str, ddl: str) -> None:
+    engine = _mysql(target)
+    task = spec(ddl, table="items")
+    assert engine.already_applied(task) is False
+    engine.run(task, EngineContext(progress=Recorder()))
+    assert engine.already_applied(task) is False  # unsure means run it; the DDL decides
+
+
+@pytest.mark.mysql
+@pytest.mark.parametrize(
+    ("ddl", "message"),
+    [
+        ("ALTER TABLE missing ADD COLUMN c INT", "doesn't exist"),
+        ("ALTER TABLE items ADD COLUMN id INT", "Duplicate column"),
+        ("ALTER TABLE items ADDD COLUMN c INT", "SQL syntax"),
+    ],
+)
+def test_mysql_failing_ddl_raises_engine_error(target: str, ddl: str, message: str) -> None:
+    progress = Recorder()
+    with pytest.raises(EngineError, match=message) as failed:
+        _mysql(target).run(spec(ddl, table="items"), EngineContext(progress=progress))
+    assert str(failed.value).startswith("DDL on items failed: ")
+    assert 100 not in progress.percents
+
+
+@pytest.mark.mysql
+def test_mysql_kill_query_interrupts_a_long_statement(target: str) -> None:
+    progress = Recorder()
+    ctx = EngineContext(progress=progress)
+    running = Running(_mysql(target), spec("DO SLEEP(30)", table="items"), ctx)
+    wait_until(lambda: progress.calls, what="the statement to start")
+    wait_until(lambda: _running_statements(target, "DO SLEEP(30)"), what="DO SLEEP on the server")
+    cancelled_at = time.monotonic()
+    ctx.cancelled.set()
+    assert isinstance(running.join(5), EngineCancelled)
+    assert running.ended_at is not None
+    assert running.ended_at - cancelled_at < 2.0
+    assert _running_statements(target, "DO SLEEP(30)") == 0
+
+
+@pytest.mark.mysql
+def test_mysql_kill_query_interrupts_a_long_alter(target: str) -> None:
+    """A real table-copying ALTER, killed: the change is not there afterwards."""
+    has_sequence = _scalar(
+        target,
+        "SELECT COUNT(*) FROM information_schema.ENGINES "
+        "WHERE ENGINE = 'SEQUENCE' AND SUPPORT IN ('YES', 'DEFAULT')",
+    )
+    if not has_sequence:
+        pytest.skip("SKIPPED, NOT TESTED: the server has no SEQUENCE engine (MariaDB's)")
+    engine = create_engine(target)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE TABLE big AS SELECT seq AS id, REPEAT('x', 200) AS pad FROM seq_1_to_300000"
+            )
+        )
+    engine.dispose()
+    task = spec("ALTER TABLE big ADD COLUMN c INT, ALGORITHM=COPY", table="big")
+    progress = Recorder()
+    ctx = EngineContext(progress=progress)
+    mysql = _mysql(target)
+    running = Running(mysql, task, ctx)
+    wait_until(lambda: _running_statements(target, "ALTER TABLE big%"), what="the ALTER to run")
+    cancelled_at = time.monotonic()
+    ctx.cancelled.set()
+    assert isinstance(running.join(10), EngineCancelled)
+    assert running.ended_at is not None
+    assert running.ended_at - cancelled_at < 2.0
+    assert mysql.already_applied(task) is False
+
+
+@pytest.mark.mysql
+def test_mysql_a_lost_lease_during_the_statement_kills_it(target: str) -> None:
+    """``LeaseLost`` from ``ctx.progress`` propagates, and the DDL is not left running."""
+    progress = Recorder(raise_on_call=0)
+    with pytest.raises(LeaseLost):
+        _mysql(target).run(spec("DO SLEEP(31)", table="items"), EngineContext(progress=progress))
+    wait_until(
+        lambda: _running_statements(target, "DO SLEEP(31)") == 0,
+        timeout=5,
+        what="the orphaned statement to be killed",
+    )
+
+
+def test_mysql_target_not_configured() -> None:
+    engine = MySQLEngine({"other": "mysql+mysqldb://root@127.0.0.1:1/x"})
+    task = spec("ALTER TABLE items ADD COLUMN c INT", database="shop")
+    with pytest.raises(ConfigurationError, match="target 'shop' is not in LEASEHOLD_TARGETS"):
+        engine.already_applied(task)
+    with pytest.raises(ConfigurationError, match="target 'shop' is not in LEASEHOLD_TARGETS"):
+        engine.run(task, EngineContext(progress=Recorder()))
+
+
+def test_mysql_takes_no_options() -> None:
+    assert MySQLEngine.validate_options({}) == {}
+    with pytest.raises(InvalidInput, match="mysql engine takes no options"):
+        MySQLEngine.validate_options({"seconds": 1})
