@@ -181,6 +181,9 @@ class Result:
     round_trip: list[int] = field(default_factory=list)
     # The progress write at the DBAPI level (no SQLAlchemy, no pool pre-ping): plain, fenced.
     driver: dict[str, list[int]] = field(default_factory=dict)
+    # Python work per fenced transaction that a prebuilt statement would save: building
+    # statements.fence() and computing its SQLAlchemy cache key, on every call.
+    build: list[int] = field(default_factory=list)
 
     def median(self, write: str, shape: str) -> float:
         return _common.median_us(self.samples[write, shape])
@@ -310,6 +313,10 @@ def measure(
                 conn.execute(probe).scalar_one()
                 result.round_trip.append(clock_ns() - start)
         result.driver = driver_level(db, lease, task_ids[0], iterations)
+        for _ in range(iterations):
+            start = clock_ns()
+            statements.fence(lease.apply_id, lease.token)._generate_cache_key()
+            result.build.append(clock_ns() - start)
     finally:
         gc.enable()
     return result
@@ -343,6 +350,10 @@ def report(result: Result) -> None:
     print(
         f"   progress at the DBAPI level (statements compiled once, no SQLAlchemy, no pre-ping): "
         f"plain {plain:.1f} us, fenced {fenced_:.1f} us = {_common.ratio(fenced_, plain):.2f}x"
+    )
+    print(
+        "   building statements.fence() and its SQLAlchemy cache key, per fenced transaction: "
+        f"median {_common.median_us(result.build):.1f} us"
     )
     for write in WRITES:
         for shape in ("fenced", "single"):
