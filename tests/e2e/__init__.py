@@ -1,0 +1,1 @@
+"""End-to-end tests: real ``celery worker`` and ``celery beat`` processes on two stacks."""

@@ -1,0 +1,177 @@
+"""Fixtures of the end-to-end suite: every test runs on two stacks.
+
+- ``redis``: Redis broker (database 11) + Redis result backend (database 12) + a MariaDB/MySQL
+  database created for the module and dropped after it. Skipped locally (failed in CI) when
+  Redis or MariaDB does not answer.
+- ``sqlite``: the embedded default: a SQLite file, kombu's ``filesystem://`` broker and the
+  SQLite result backend under ``LEASEHOLD_VAR_DIR`` in a temporary folder.
+
+Processes are real ``celery worker`` / ``celery beat`` processes configured only through
+``LEASEHOLD_*`` variables. Every process is stopped in teardown, failing test or not, and the
+logs of the failing test's processes are attached to its report.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import os
+import signal
+import uuid
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from storage import open_database
+from storage.migrate import upgrade
+from tests import support
+from tests.conftest import MYSQL_SERVER_URL, unavailable
+from tests.e2e.helpers import Cluster, Stack, client_app, process_env
+
+REDIS_URL = os.environ.get("LEASEHOLD_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+# The only Redis databases this suite touches (and flushes).
+BROKER_DB, RESULTS_DB = 11, 12
+
+_CLUSTER = pytest.StashKey[Cluster]()
+_TIMINGS = pytest.StashKey[list[str]]()
+_ALL: list[Cluster] = []
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """Last resort if pytest dies between setup and teardown: no celery process outlives it."""
+    for cluster in _ALL:
+        for proc in [*cluster.shared, *cluster.own]:
+            if proc.proc is not None and proc.proc.poll() is None:
+                with suppress(OSError):
+                    os.killpg(proc.pid, signal.SIGCONT)
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+
+@contextmanager
+def _redis_stack(folder: Path) -> Iterator[dict[str, str]]:
+    if importlib.util.find_spec("MySQLdb") is None:
+        unavailable("mysqlclient is not installed; run scripts/bootstrap.sh")
+    clients = [redis.Redis.from_url(f"{REDIS_URL}/{n}") for n in (BROKER_DB, RESULTS_DB)]
+    try:
+        for client in clients:
+            client.ping()
+    except redis.RedisError as exc:
+        unavailable(f"Redis at {REDIS_URL} is not reachable: {exc}")
+    server = make_url(MYSQL_SERVER_URL)
+    name = f"leasehold_e2e_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(server.set(database=None), pool_pre_ping=True)
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
+    except Exception as exc:
+        admin.dispose()
+        unavailable(f"MySQL/MariaDB at {server.render_as_string()} is not reachable: {exc}")
+    try:
+        for client in clients:
+            client.flushdb()
+        yield {
+            "LEASEHOLD_DATABASE_URL": server.set(database=name).render_as_string(
+                hide_password=False
+            ),
+            "LEASEHOLD_BROKER_URL": f"{REDIS_URL}/{BROKER_DB}",
+            "LEASEHOLD_RESULT_BACKEND": f"{REDIS_URL}/{RESULTS_DB}",
+            "LEASEHOLD_VAR_DIR": str(folder / "var"),
+        }
+    finally:
+        for client in clients:
+            with suppress(redis.RedisError):
+                client.flushdb()
+            client.close()
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+        admin.dispose()
+
+
+@contextmanager
+def _sqlite_stack(folder: Path) -> Iterator[dict[str, str]]:
+    # The embedded default: only the database file and the var folder are named; the broker
+    # (filesystem://) and the result backend (SQLite) are celeryconfig's defaults.
+    yield {
+        "LEASEHOLD_DATABASE_URL": f"sqlite:///{folder / 'leasehold.sqlite3'}",
+        "LEASEHOLD_VAR_DIR": str(folder / "var"),
+    }
+
+
+@pytest.fixture(scope="module", params=["redis", "sqlite"])
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """A fresh deployment per module and stack: its own database, broker and results."""
+    kind = str(request.param)
+    folder = tmp_path_factory.mktemp(f"e2e-{kind}")
+    settings = _redis_stack(folder) if kind == "redis" else _sqlite_stack(folder)
+    with settings as values:
+        env = process_env(values)
+        db = open_database(values["LEASEHOLD_DATABASE_URL"])
+        upgrade(db)
+        client = client_app(env)
+        try:
+            url = values["LEASEHOLD_DATABASE_URL"]
+            yield Stack(kind, folder, url, env, db, client, redis=kind == "redis")
+        finally:
+            client.close()
+            db.dispose()
+
+
+@pytest.fixture(scope="module")
+def module_cluster(stack: Stack) -> Iterator[Cluster]:
+    cluster = Cluster(stack)
+    _ALL.append(cluster)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+        _ALL.remove(cluster)
+
+
+@pytest.fixture
+def cluster(module_cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """The stack's processes for one test, with empty leasehold tables. Processes the test
+    starts are stopped after it (SIGCONT, SIGTERM, then SIGKILL)."""
+    support.wipe(module_cluster.stack.db)
+    module_cluster.begin_test()
+    request.node.stash[_CLUSTER] = module_cluster
+    try:
+        yield module_cluster
+    finally:
+        module_cluster.end_test()
+
+
+@pytest.fixture
+def timing(request: pytest.FixtureRequest) -> Iterator[list[str]]:
+    """Lines for the 'leasehold e2e timings' summary at the end of the run."""
+    lines: list[str] = []
+    yield lines
+    summary = request.config.stash.setdefault(_TIMINGS, [])
+    summary.extend(f"{request.node.nodeid}: {line}" for line in lines)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    cluster = item.stash.get(_CLUSTER, None)
+    if report.failed and cluster is not None:
+        for title, body in cluster.log_sections():
+            report.sections.append((f"{title} [{report.when}]", body))
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    lines = terminalreporter.config.stash.get(_TIMINGS, [])
+    if lines:
+        terminalreporter.section("leasehold e2e timings")
+        for line in lines:
+            terminalreporter.write_line(line)
