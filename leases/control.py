@@ -38,8 +38,10 @@ def settle_unowned(db: Database, request: ControlRequest) -> Settlement:
     with db.transaction() as conn:
         row = leasing.lock(conn, apply_id)
         state = ApplyState(row.state)
-        if state == ApplyState.RUNNING:
-            return Settlement(request, state)  # the owner acts on it
+        # The owner acts on a stop or cancel; a running apply has nothing to resume, and its
+        # owner never acts on a resume, which would otherwise stay pending.
+        if state == ApplyState.RUNNING and action != ControlAction.RESUME:
+            return Settlement(request, state)
         new_state: ApplyState | None = None
         error: str | None = None
         if action == ControlAction.STOP:
