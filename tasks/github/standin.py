@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import secrets
 import signal
@@ -24,7 +25,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -38,51 +38,20 @@ from tasks.github.standin_store import (
     Store,
     now,
 )
-from tasks.github.standin_wire import comment_json, jwt_issuer, paginate, run_json, ts
+from tasks.github.standin_wire import (
+    Handler,
+    Server,
+    comment_json,
+    jwt_issuer,
+    paginate,
+    run_json,
+    ts,
+)
 
 __all__ = ["ApiError", "CheckRun", "Comment", "Gate", "GitHubStandIn", "RecordedRequest"]
 
 Answer = tuple[int, dict[str, str], Any]
 OWNER_REPO = r"^/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)"
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-
-    def __init__(self, address: tuple[str, int], standin: GitHubStandIn) -> None:
-        super().__init__(address, _Handler)
-        self.standin = standin
-        self.open_connections: set[socket.socket] = set()
-        self.connections_lock = threading.Lock()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if not isinstance(sys.exc_info()[1], OSError):  # a client that went away is not news
-            super().handle_error(request, client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        with self.server.connections_lock:
-            self.server.open_connections.add(self.connection)
-
-    def finish(self) -> None:
-        with self.server.connections_lock:
-            self.server.open_connections.discard(self.connection)
-        super().finish()
-
-    def do_GET(self) -> None:
-        self.server.standin._serve(self)
-
-    do_POST = do_PATCH = do_PUT = do_DELETE = do_GET
-
-    def log_message(self, format: str, *args: Any) -> None:  # request lines carry no secrets
-        if self.server.standin.verbose:
-            super().log_message(format, *args)
 
 
 class GitHubStandIn(Faults):
@@ -108,10 +77,11 @@ class GitHubStandIn(Faults):
         self.installation_token_ttl = installation_token_ttl
         self.verbose = verbose
         self._store = Store()
-        self._issued: dict[str, tuple[float, str]] = {}  # token -> (expiry, app id)
+        self._issued: dict[str, tuple[float, str]] = {}  # token -> (expiry, installation id)
         self._presented: set[str] = set()  # raw Authorization values; never logged
         self._auth_lock = threading.Lock()
-        self._server: _Server | None = None
+        self._server: Server | None = None
+        self._base = ""  # kept after stop() for requests still being answered
         self._thread: threading.Thread | None = None
         pattern: list[tuple[str, str, Callable[..., Answer]]] = [
             ("POST", OWNER_REPO + r"/issues/(?P<number>\d+)/comments$", self._create_comment),
@@ -132,14 +102,18 @@ class GitHubStandIn(Faults):
         """Base URL for githubkit's ``base_url`` (no trailing slash)."""
         if self._server is None:
             raise RuntimeError("the GitHub stand-in is not started")
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return self._base
 
     def start(self) -> GitHubStandIn:
         if self._server is None:
-            self._server = _Server(self._address, self)
+            self._server = Server(self._address, self)
+            host, port = self._server.server_address[:2]
+            self._base = f"http://{host!s}:{port}"
             self._thread = threading.Thread(
-                target=self._server.serve_forever, name="github-standin", daemon=True
+                target=self._server.serve_forever,
+                kwargs={"poll_interval": 0.05},
+                name="github-standin",
+                daemon=True,
             )
             self._thread.start()
         return self
@@ -184,6 +158,7 @@ class GitHubStandIn(Faults):
         return [version.body for version in self._store.comment_history(comment_id)]
 
     def comment_versions(self, comment_id: int) -> list[Comment]:
+        """Like :meth:`comment_history`, with each version's timestamps and author."""
         return self._store.comment_history(comment_id)
 
     def check_runs(
@@ -211,6 +186,20 @@ class GitHubStandIn(Faults):
         with self._auth_lock:
             return any(secret in value for value in self._presented)
 
+    def _history(self) -> dict[str, Any]:
+        """Every comment's bodies and every check run's states, in order (``/_standin/history``)."""
+        comments = [
+            {"id": c.id, "issue": f"{c.owner}/{c.repo}#{c.issue_number}",
+             "bodies": self.comment_history(c.id)}
+            for c in self._store.all_comments()
+        ]  # fmt: skip
+        runs = [
+            {"id": r.id, "name": r.name, "head_sha": r.head_sha, "external_id": r.external_id,
+             "states": [[v.status, v.conclusion] for v in self.check_run_history(r.id)]}
+            for r in self.check_runs()
+        ]  # fmt: skip
+        return {"comments": comments, "check_runs": runs, "requests": len(self.requests())}
+
     # serving
     def _identify(self, header: str | None, path: str) -> str:
         if not header:
@@ -231,10 +220,14 @@ class GitHubStandIn(Faults):
             return "app" if self.app_id in (None, issuer) else "invalid"
         return "invalid"
 
-    def _serve(self, handler: _Handler) -> None:
+    def serve(self, handler: Handler) -> None:
+        """Answer one request (called by the server's handler threads)."""
         split = urlsplit(handler.path)
         path, query = split.path, dict(parse_qsl(split.query, keep_blank_values=True))
         raw = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+        if path == "/_standin/history":  # not GitHub: for people watching a demo by hand
+            self._send(handler, 200, {}, self._history())
+            return
         try:
             body: Any = json.loads(raw) if raw else None
             bad_json = False
@@ -262,11 +255,19 @@ class GitHubStandIn(Faults):
                 if gate.apply == "on_release":
                     gate._block()
             status, headers, payload = self._dispatch(handler.command, path, query, body, auth)
-            if gate and gate.apply == "on_arrival":
-                gate._block()
         except ApiError as error:
             status, headers, payload = error.status, error.headers, error.body
+        if gate and gate.apply == "on_arrival":
+            gate._block()
         self._store.answer(seq, status, fault)
+        try:
+            self._send(handler, status, headers, payload)
+        finally:
+            if gate:
+                gate._done()
+
+    @staticmethod
+    def _send(handler: Handler, status: int, headers: dict[str, str], payload: Any) -> None:
         data = json.dumps(payload).encode()
         try:
             handler.send_response(status)
@@ -277,11 +278,8 @@ class GitHubStandIn(Faults):
             handler.end_headers()
             handler.wfile.write(data)
             handler.wfile.flush()
-        except OSError:
+        except OSError:  # the client went away (timed out, or the stand-in is stopping)
             handler.close_connection = True
-        finally:
-            if gate:
-                gate._done()
 
     def _dispatch(
         self, method: str, path: str, query: dict[str, str], body: Any, auth: str
@@ -300,35 +298,33 @@ class GitHubStandIn(Faults):
         self, owner: str, repo: str, number: str, body: Any, auth: str, **_: Any
     ) -> Answer:
         created = self._store.create_comment(owner, repo, int(number), body, self._author(auth))
-        return 201, {}, comment_json(created, self.url)
+        return 201, {}, comment_json(created, self._base)
 
     def _list_comments(
         self, owner: str, repo: str, number: str, query: dict[str, str], **_: Any
     ) -> Answer:
         found = self._store.comments(owner, repo, int(number))
         shown, headers = paginate(
-            found, query, f"{self.url}/repos/{owner}/{repo}/issues/{number}/comments"
+            found, query, f"{self._base}/repos/{owner}/{repo}/issues/{number}/comments"
         )
-        return 200, headers, [comment_json(c, self.url) for c in shown]
+        return 200, headers, [comment_json(c, self._base) for c in shown]
 
     def _get_comment(self, owner: str, repo: str, item_id: str, **_: Any) -> Answer:
-        return 200, {}, comment_json(self._store.get_comment(owner, repo, int(item_id)), self.url)
+        return 200, {}, comment_json(self._store.get_comment(owner, repo, int(item_id)), self._base)
 
     def _edit_comment(self, owner: str, repo: str, item_id: str, body: Any, **_: Any) -> Answer:
-        return (
-            200,
-            {},
-            comment_json(self._store.edit_comment(owner, repo, int(item_id), body), self.url),
-        )
+        edited = self._store.edit_comment(owner, repo, int(item_id), body)
+        return 200, {}, comment_json(edited, self._base)
 
     def _create_run(self, owner: str, repo: str, body: Any, **_: Any) -> Answer:
-        return 201, {}, run_json(self._store.create_run(owner, repo, body), self.url)
+        return 201, {}, run_json(self._store.create_run(owner, repo, body), self._base)
 
     def _get_run(self, owner: str, repo: str, item_id: str, **_: Any) -> Answer:
-        return 200, {}, run_json(self._store.get_run(owner, repo, int(item_id)), self.url)
+        return 200, {}, run_json(self._store.get_run(owner, repo, int(item_id)), self._base)
 
     def _update_run(self, owner: str, repo: str, item_id: str, body: Any, **_: Any) -> Answer:
-        return 200, {}, run_json(self._store.update_run(owner, repo, int(item_id), body), self.url)
+        updated = self._store.update_run(owner, repo, int(item_id), body)
+        return 200, {}, run_json(updated, self._base)
 
     def _list_runs(
         self, owner: str, repo: str, ref: str, query: dict[str, str], **_: Any
@@ -345,13 +341,10 @@ class GitHubStandIn(Faults):
         if query.get("filter", "latest") == "latest":
             runs = list({r.name: r for r in runs}.values())  # by id: the last of a name wins
         shown, headers = paginate(
-            runs, query, f"{self.url}/repos/{owner}/{repo}/commits/{ref}/check-runs"
+            runs, query, f"{self._base}/repos/{owner}/{repo}/commits/{ref}/check-runs"
         )
-        return (
-            200,
-            headers,
-            {"total_count": len(runs), "check_runs": [run_json(r, self.url) for r in shown]},
-        )
+        listed = [run_json(r, self._base) for r in shown]
+        return 200, headers, {"total_count": len(runs), "check_runs": listed}
 
     def _issue_token(self, item_id: str, auth: str, **_: Any) -> Answer:
         if auth != "app":
@@ -374,11 +367,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument(
-        "--token", action="append", default=[], help="an accepted token (repeatable)"
+        "--token",
+        action="append",
+        default=[],
+        help="an accepted token (repeatable; default: $LEASEHOLD_GITHUB_TOKEN)",
     )
     parser.add_argument("--app-id", default=None, help="accept App JWTs only from this issuer")
     parser.add_argument("--quiet", action="store_true", help="do not log request lines")
     args = parser.parse_args(argv)
+    if not args.token and os.environ.get("LEASEHOLD_GITHUB_TOKEN"):
+        args.token = [os.environ["LEASEHOLD_GITHUB_TOKEN"]]
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     standin = GitHubStandIn(args.token, host=args.host, port=args.port, app_id=args.app_id,

@@ -232,6 +232,10 @@ class Store:
                 == (owner, repo, number)
             ]
 
+    def all_comments(self) -> list[Comment]:
+        with self._lock:
+            return [versions[-1] for _, versions in sorted(self._comments.items())]
+
     def comment_history(self, comment_id: int) -> list[Comment]:
         with self._lock:
             return list(self._comments.get(comment_id, []))
