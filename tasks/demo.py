@@ -2,16 +2,19 @@
 
 A worker is killed mid-apply; beat reclaims the apply and rotates its lease; a second worker
 resumes from the last checkpoint and completes it; and a write with the dead worker's lease is
-refused. Everything runs in real processes in a scratch folder.
+refused. Everything runs in real processes in a scratch folder, and the apply's pull request
+lives on the GitHub stand-in, so the progress comment's whole edit history can be shown.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,9 +23,13 @@ from typing import Any
 from leases import Lease, LeaseLost, fence
 from storage import applies, fenced, open_database
 from storage.engine import Database
+from tasks.github import render
+from tasks.github.standin import GitHubStandIn
 from tasks.processes import beat, worker
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "apply.json"
+DEMO_TOKEN = "demo-" + "0" * 36  # accepted by the stand-in only
+PULL_REQUEST = {"repository": "acme/shop", "pull_request": 42, "head_sha": "c0ffee" + "0" * 34}
 
 
 def _say(text: str) -> None:
@@ -39,6 +46,11 @@ def _wait(what: str, check: Callable[[], bool], timeout: float = 60.0) -> float:
 
 
 def run_demo(folder: Path) -> int:
+    with GitHubStandIn([DEMO_TOKEN]) as github:
+        return _tour(folder, github)
+
+
+def _tour(folder: Path, github: GitHubStandIn) -> int:
     folder = folder.absolute()
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -53,7 +65,13 @@ def run_demo(folder: Path) -> int:
         LEASEHOLD_RECLAIM_INTERVAL="1",
         LEASEHOLD_EFFECT_TIMEOUT="2",
         LEASEHOLD_EFFECT_GRACE="3",
+        LEASEHOLD_COMMENT_INTERVAL="1",
+        LEASEHOLD_GITHUB_API_URL=github.url,
+        LEASEHOLD_GITHUB_TOKEN=DEMO_TOKEN,
     )
+    payload = json.loads(EXAMPLE.read_text()) | PULL_REQUEST
+    submission = folder / "apply.json"
+    submission.write_text(json.dumps(payload, indent=2))
     cli = [sys.executable, "-m", "tasks.cli"]
     root = EXAMPLE.parent.parent
 
@@ -67,6 +85,7 @@ def run_demo(folder: Path) -> int:
 
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH", "")]))
     print(f"demo folder: {folder}  (stale_after 5 s, heartbeat 1 s, reclaim every 1 s)")
+    print(f"GitHub stand-in: {github.url}  (pull request {payload['repository']}#42)")
     _say("leasehold migrate")
     print(leasehold("migrate").strip())
 
@@ -80,8 +99,8 @@ def run_demo(folder: Path) -> int:
         _say("starting worker-a and beat")
         first.start().wait_ready()
         ticker.start()
-        _say(f"leasehold submit {EXAMPLE.name}")
-        apply_id = int(_json(leasehold("submit", str(EXAMPLE)))["apply_id"])
+        _say(f"leasehold submit {EXAMPLE.name} (with a pull request)")
+        apply_id = int(_json(leasehold("submit", str(submission)))["apply_id"])
         print(f"apply {apply_id} submitted")
 
         _wait("worker-a to be 30% into task 2", lambda: _task_progress(db, apply_id, 1) >= 30)
@@ -107,12 +126,25 @@ def run_demo(folder: Path) -> int:
         print(leasehold("status", str(apply_id)).rstrip())
         _say(f"leasehold logs {apply_id}  (epochs never decrease)")
         print(leasehold("logs", str(apply_id)).rstrip())
+        _show_github(github)
     finally:
         for proc in (first, second, ticker):
             proc.stop()
         db.dispose()
     _say("done: one apply, one worker killed, completed exactly once")
     return 0
+
+
+def _show_github(github: GitHubStandIn) -> None:
+    _say("the pull request's comment, edit by edit (the marker's epoch never decreases)")
+    for comment in github.comments("acme", "shop", 42):
+        for number, body in enumerate(github.comment_history(comment.id)):
+            epoch = (render.parse_marker(body) or (0, 0))[1]
+            headline = body.splitlines()[1] if "\n" in body else body
+            print(f"  edit {number:>2}  epoch {epoch}  {headline}")
+        print("final body:\n" + textwrap.indent(comment.body, "    "))
+    for run in github.check_runs():
+        print(f"check run {run.id} ({run.external_id}): {run.status}, {run.conclusion}")
 
 
 def _task_progress(db: Database, apply_id: int, position: int) -> int:
@@ -133,7 +165,5 @@ def _try_stale_write(db: Database, stale: Lease) -> None:
 
 
 def _json(text: str) -> dict[str, Any]:
-    import json
-
     data: dict[str, Any] = json.loads(text.strip().splitlines()[-1])
     return data

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import httpx
 from githubkit import AppInstallationAuthStrategy, GitHub, TokenAuthStrategy
+from githubkit.cache import MemCacheStrategy
 from githubkit.exception import (
     GitHubException,
     RateLimitExceeded,
@@ -85,6 +86,9 @@ class GitHubClient:
             timeout=httpx.Timeout(config.timeout),
             auto_retry=False,
             http_cache=False,
+            # githubkit's default token cache is process-wide and not keyed by API URL; a
+            # client of its own keeps App installation tokens apart per configuration.
+            cache_strategy=MemCacheStrategy(),
             user_agent="leasehold",
         )
 
