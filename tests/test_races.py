@@ -402,6 +402,46 @@ def test_reclaim_skips_a_fenced_write_in_flight_and_rotates_after_it(
     assert stored_lease(db, lease.apply_id)["reclaim_count"] == 1
 
 
+@ISOLATIONS
+def test_heartbeat_waiting_on_a_fence_does_not_deadlock_its_closing_rotation(
+    db: Database, open_db: OpenDb, spawn: Spawn, isolation: str | None
+) -> None:
+    """A worker's heartbeat thread beats while its main loop is inside a fence that ends the lease
+    (stop, hand back, a terminal state: ``fenced.end_lease``, rotating as the fence's last write).
+    The heartbeat must wait for the fence and then fail with ``LeaseLost``; the fence must commit.
+
+    Regression: with few applies rows, MariaDB's optimizer ran the lease UPDATEs (heartbeat,
+    rotate, redeem) as a range scan of ``ix_applies_state_heartbeat_at`` (``state`` is in their
+    WHERE clause). The waiting heartbeat then held that index's entry while it waited for the
+    fenced row, and the fence's rotation, needing the same entry, closed a cycle: InnoDB broke it
+    with a deadlock error, under READ COMMITTED and REPEATABLE READ."""
+    lease = support.running_lease(db)
+    fencing, beating = open_db(isolation_level=isolation), open_db(isolation_level=isolation)
+    tap = Tap(beating)
+    heartbeat = spawn("heartbeat", lambda: leases.heartbeat(beating, lease))
+
+    with leases.fence(fencing, lease) as fx:
+        holder = holder_id(fencing, fx.connection)
+        fenced.append_log(fx, "in-flight", "the last write before stopping")
+        heartbeat.start()
+        prove_blocked(db, heartbeat, tap, holder=holder, what="the heartbeat")
+        new_epoch = fenced.end_lease(
+            fx,
+            new_token=mint_token(),
+            to_state=ApplyState.STOPPED,
+            event="stopped",
+            reason="stopped while the heartbeat waits",
+        )
+
+    lost = heartbeat.error()
+    assert isinstance(lost, LeaseLost), repr(lost)
+    stored = stored_lease(db, lease.apply_id)
+    assert (stored["state"], stored["lease_epoch"]) == (ApplyState.STOPPED, new_epoch)
+    rows = logs(db, lease.apply_id)
+    assert only(rows, "in-flight")["id"] < only(rows, "stopped")["id"]
+    assert_epochs_non_decreasing(rows)
+
+
 # --- 3. the fence's shape matters: check-then-act and a non-locking predicate are not fences ------
 
 
