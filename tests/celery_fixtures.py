@@ -197,7 +197,8 @@ def inprocess_worker(
     changes: dict[str, Any] = {
         "broker_url": "memory://",
         "result_backend": "cache+memory://",
-        "broker_transport_options": {},
+        # The memory transport polls its queues; the default of 1 s would delay every message.
+        "broker_transport_options": {"polling_interval": 0.005},
         "leasehold_database_url": database_url,
         "leasehold_heartbeat_interval": 0.1,
         "leasehold_stale_after": 5.0,
