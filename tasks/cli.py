@@ -152,7 +152,11 @@ def _control(db: Database, args: argparse.Namespace) -> int:
 
     result = service.control_apply(db, args.apply_id, args.action, args.by, send_run)
     print(json.dumps(result))
-    return 0 if result["request_state"] != "failed" else 1
+    if result["request_state"] == "failed":
+        # The JSON above is for scripts; the error is one line on stderr, as for every error.
+        print(f"leasehold: {args.action} {args.apply_id}: {result['error']}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _run(db: Database, args: argparse.Namespace) -> int:

@@ -1,0 +1,268 @@
+"""The ``leasehold`` commands that drive applies (submit, status ID, logs, stop, resume, cancel),
+run as a user runs them: subprocesses on a temporary SQLite database and the embedded
+``filesystem://`` broker, with no worker. Errors are one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from leases import Lease, LeaseLost, fence, redeem
+from storage import fenced, open_database
+from storage.engine import Database
+from storage.migrate import upgrade
+from storage.states import TaskState
+from tests import support
+from tests.celery_fixtures import REPO, task_rows
+
+_SCRIPT = Path(sys.executable).parent / "leasehold"
+COMMAND = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "tasks.cli"]
+EXAMPLE = REPO / "examples" / "apply.json"
+
+
+@dataclass
+class Home:
+    """A user's working directory: database, broker folder, and how to run ``leasehold``."""
+
+    path: Path
+    url: str
+    db: Database
+
+    @property
+    def queue(self) -> Path:
+        return self.path / "var" / "broker" / "queue"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LEASEHOLD_", "CELERY"))}
+        env.update(
+            LEASEHOLD_DATABASE_URL=self.url,
+            LEASEHOLD_VAR_DIR=str(self.path / "var"),
+            PYTHONPATH=str(REPO),
+        )
+        env.update(extra)
+        return env
+
+    def run(self, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*COMMAND, *args],
+            cwd=self.path,
+            env=self.env(**extra),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    def ok(self, *args: str) -> str:
+        done = self.run(*args)
+        assert done.returncode == 0, (done.stdout, done.stderr)
+        return done.stdout
+
+    def lease(self, apply_id: int) -> Lease:
+        _, epoch, token, _ = support.lease_of(self.db, apply_id)
+        assert token is not None
+        return Lease(apply_id, epoch, token)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Home]:
+    url = f"sqlite:///{tmp_path / 'leasehold.sqlite3'}"
+    db = open_database(url)
+    upgrade(db)
+    yield Home(tmp_path, url, db)
+    db.dispose()
+
+
+def one_error_line(done: subprocess.CompletedProcess[str], code: int = 1) -> str:
+    assert done.returncode == code, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("leasehold: "), lines[0]
+    assert "Traceback" not in done.stderr
+    return lines[0]
+
+
+def submit_example(home: Home) -> int:
+    out = home.ok("submit", str(EXAMPLE))
+    answer: dict[str, int] = json.loads(out)
+    assert set(answer) == {"apply_id"}
+    return answer["apply_id"]
+
+
+def test_submit_prints_the_apply_id_and_rings_the_broker(home: Home) -> None:
+    apply_id = submit_example(home)
+    row = support.lease_of(home.db, apply_id)
+    assert row[:2] == ("dispatched", 1)
+    assert [t["table_name"] for t in task_rows(home.db, apply_id)] == [
+        "orders",
+        "customers",
+        "invoices",
+    ]
+    # No worker here: the run_apply message waits in the filesystem broker's folder.
+    (message,) = home.queue.iterdir()
+    body = message.read_text()
+    assert "leasehold.run_apply" in body
+    # The example carries a request_id: submitting it again is the same apply, not a second one.
+    assert submit_example(home) == apply_id
+    assert len(list(home.queue.iterdir())) == 1
+
+
+def _write(home: Home, name: str, content: str) -> str:
+    path = home.path / name
+    path.write_text(content)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "cannot read"),
+        ("{", "is not JSON"),
+        ("[1, 2]", "must hold a JSON object"),
+        ('{"database": "shop"}', "missing required key 'environment'"),
+        (
+            json.dumps({**json.loads(EXAMPLE.read_text()), "priority": 1}),
+            "unknown payload keys: ['priority']",
+        ),
+        (
+            json.dumps({**json.loads(EXAMPLE.read_text()), "engine": "mysql"}),
+            "is not a configured target",
+        ),
+    ],
+    ids=["missing-file", "not-json", "not-an-object", "missing-key", "unknown-key", "target"],
+)
+def test_submit_of_a_bad_file_is_one_line_and_writes_nothing(
+    home: Home, content: str | None, message: str
+) -> None:
+    path = str(home.path / "absent.json") if content is None else _write(home, "bad.json", content)
+    before = support.snapshot(home.db)
+    done = home.run("submit", path)
+    assert message in one_error_line(done)
+    assert done.stdout == ""
+    assert support.snapshot(home.db) == before
+    assert not home.queue.exists() or not list(home.queue.iterdir())
+
+
+def test_status_of_one_apply(home: Home) -> None:
+    apply_id = submit_example(home)
+    lease = home.lease(apply_id)
+    redeem(home.db, lease, "worker-cli/1")
+    first, second, _ = (t["id"] for t in task_rows(home.db, apply_id))
+    with fence(home.db, lease) as fx:
+        fenced.finish_task(fx, first, TaskState.COMPLETED)
+        fenced.start_task(fx, second)
+        fenced.update_task(fx, second, progress=42, checkpoint={"elapsed": 1.26})
+    support.age_heartbeat(home.db, apply_id, 125)
+
+    out = home.ok("status", str(apply_id))
+    assert out.splitlines()[0] == f"apply {apply_id}: running  (shop in staging)"
+    assert f"lease epoch {lease.epoch}, token {lease.token[:6]}…" in out
+    assert "owner worker-cli/1" in out
+    age = re.search(r"heartbeat (\d+\.\d)s ago", out)
+    assert age is not None, out
+    assert 125 <= float(age[1]) < 185  # the database's clock, not this process's
+    tasks = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\. ", line)]
+    assert [t[:4] for t in tasks] == [
+        ["1.", "orders", "completed", "100%"],
+        ["2.", "customers", "running", "42%"],
+        ["3.", "invoices", "pending", "0%"],
+    ]
+    assert lease.token not in out
+    assert lease.token[:7] not in out
+
+
+def test_logs_show_each_line_with_its_epoch(home: Home) -> None:
+    apply_id = submit_example(home)
+    lease = home.lease(apply_id)
+    redeem(home.db, lease, "worker-cli/1")
+    with fence(home.db, lease) as fx:
+        fenced.append_log(fx, "note", "a line from the runner")
+    out = home.ok("logs", str(apply_id))
+    lines = out.splitlines()
+    assert len(lines) == 3
+    assert [re.findall(r"epoch +(\d+)", line)[0] for line in lines] == ["1", "1", "1"]
+    assert "dispatched" in lines[0]
+    assert "redeemed" in lines[1]
+    assert "a line from the runner" in lines[2]
+    assert lease.token not in out
+
+
+def _control(home: Home, action: str, apply_id: int, code: int = 0) -> dict[str, Any]:
+    done = home.run(action, str(apply_id), "--by", "cli-test")
+    assert done.returncode == code, (done.stdout, done.stderr)
+    answer: dict[str, Any] = json.loads(done.stdout)
+    return answer
+
+
+def test_stop_resume_cancel_of_an_apply_nobody_owns(home: Home) -> None:
+    apply_id = submit_example(home)
+    outstanding = home.lease(apply_id)
+
+    stopped = _control(home, "stop", apply_id)
+    assert (stopped["request_state"], stopped["apply_state"]) == ("completed", "stopped")
+    assert support.lease_of(home.db, apply_id)[:2] == ("stopped", 2)
+
+    resumed = _control(home, "resume", apply_id)
+    assert (resumed["request_state"], resumed["apply_state"]) == ("completed", "dispatched")
+    assert support.lease_of(home.db, apply_id)[:2] == ("dispatched", 3)
+    assert len(list(home.queue.iterdir())) == 2  # the resumed lease was sent too
+
+    cancelled = _control(home, "cancel", apply_id)
+    assert (cancelled["request_state"], cancelled["apply_state"]) == ("completed", "cancelled")
+    assert [t["state"] for t in task_rows(home.db, apply_id)] == ["cancelled"] * 3
+    assert [e for e, _ in support.log_events(home.db, apply_id)] == [1, 2, 3, 4]
+
+    # The lease of the first message can no longer redeem anything.
+    with pytest.raises(LeaseLost):
+        redeem(home.db, outstanding, "late-worker")
+
+
+def test_a_request_that_cannot_apply_exits_non_zero_with_one_line(home: Home) -> None:
+    apply_id = submit_example(home)
+    _control(home, "cancel", apply_id)
+    before = support.lease_of(home.db, apply_id)
+    done = home.run("stop", str(apply_id))
+    line = one_error_line(done)
+    assert line == f"leasehold: stop {apply_id}: apply is cancelled: nothing to stop"
+    assert json.loads(done.stdout)["request_state"] == "failed"
+    assert support.lease_of(home.db, apply_id) == before
+
+
+def test_stop_of_a_running_apply_is_left_to_its_owner(home: Home) -> None:
+    apply_id = submit_example(home)
+    redeem(home.db, home.lease(apply_id), "worker-cli/1")
+    asked = _control(home, "stop", apply_id)
+    assert (asked["request_state"], asked["apply_state"]) == ("pending", "running")
+    again = _control(home, "stop", apply_id)
+    assert again["request_id"] == asked["request_id"]
+
+
+@pytest.mark.parametrize("command", ["status", "logs", "stop", "resume", "cancel"])
+def test_an_unknown_apply_is_one_clear_line(home: Home, command: str) -> None:
+    before = support.snapshot(home.db)
+    line = one_error_line(home.run(command, "424242"))
+    assert line == "leasehold: apply 424242 does not exist"
+    assert support.snapshot(home.db) == before
+
+
+def test_an_id_that_is_not_a_number_is_a_usage_error(home: Home) -> None:
+    done = home.run("status", "abc")
+    assert done.returncode == 2
+    assert "invalid int value: 'abc'" in done.stderr
+
+
+def test_bad_configuration_is_one_clear_line(home: Home) -> None:
+    done = home.run("status", LEASEHOLD_STALE_AFTER="soon")
+    line = one_error_line(done, code=2)
+    assert (
+        line == "leasehold: configuration: LEASEHOLD_STALE_AFTER='soon' is not a number of seconds"
+    )
