@@ -51,7 +51,7 @@ def _targets(raw: str | None) -> dict[str, str]:
     if raw is None or raw.strip() == "":
         return {}
     text = raw
-    if not raw.lstrip().startswith("{"):
+    if not raw.lstrip().startswith(("{", "[")):  # inline JSON; anything else names a file
         try:
             text = Path(raw).read_text()
         except OSError as exc:

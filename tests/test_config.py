@@ -203,6 +203,11 @@ BAD = [
         id="targets-not-a-map-of-urls",
     ),
     pytest.param(
+        {"LEASEHOLD_TARGETS": '["mysql://x"]'},
+        ["LEASEHOLD_TARGETS must be a JSON object of name -> URL"],
+        id="targets-a-json-list",
+    ),
+    pytest.param(
         {"LEASEHOLD_TARGETS": "/nonexistent/leasehold-targets.json"},
         ["LEASEHOLD_TARGETS", "cannot read", "/nonexistent/leasehold-targets.json"],
         id="targets-file-unreadable",
