@@ -72,6 +72,11 @@ def run_apply(self: Any, apply_id: Any, lease: Any) -> dict[str, Any]:
     db = runtime.database()
     settings = runtime.settings()
     owner = f"{self.request.hostname or 'local'}/{os.getpid()}/{self.request.id}"
+    if runtime.shutting_down():
+        # Received during this worker's warm shutdown (e.g. the lease it just handed back):
+        # pass it on unredeemed, writing nothing, so that a worker that stays takes it.
+        send_run(held)
+        return {"apply_id": apply_id, "epoch": held.epoch, "outcome": "passed_on"}
     try:
         origin = redeem(db, held, owner)
     except LeaseLost as exc:

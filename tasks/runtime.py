@@ -23,6 +23,7 @@ _lock = threading.Lock()
 _db: Database | None = None
 _settings: Settings | None = None
 _runs: dict[str, Interrupts] = {}
+_shutting_down = False  # set on a warm shutdown: this process takes on no apply any more
 
 
 def settings() -> Settings:
@@ -48,16 +49,24 @@ def database() -> Database:
 
 def reset() -> None:
     """Forget the cached settings and database (after ``app.conf`` changed, e.g. in tests)."""
-    global _db, _settings
+    global _db, _settings, _shutting_down
     with _lock:
         if _db is not None:
             _db.dispose()
-        _db, _settings = None, None
+        _db, _settings, _shutting_down = None, None, False
+
+
+def shutting_down() -> bool:
+    """True once this worker began a warm shutdown."""
+    return _shutting_down
 
 
 def register_run(task_id: str, interrupts: Interrupts) -> None:
     with _lock:
         _runs[task_id] = interrupts
+        late = _shutting_down
+    if late:  # redeemed after the warm shutdown's hand_back_all: hand it back at once too
+        interrupts.interrupt(Reason.HANDOVER)
 
 
 def unregister_run(task_id: str) -> None:
@@ -85,7 +94,12 @@ def _reset_after_fork(**_: Any) -> None:
 def _on_warm_shutdown(sig: str = "", how: str = "", exitcode: int = 0, **_: Any) -> None:
     # Celery waits for running tasks on a warm shutdown; ours then stop at a safe point and hand
     # their applies back, so another worker resumes them at once instead of after stale_after.
+    # Until its consumer stops, a worker shutting down can still receive messages, even the one
+    # it just handed back: run_apply passes those on unredeemed (see ``shutting_down``).
+    global _shutting_down
     if how == "Warm":
+        with _lock:
+            _shutting_down = True
         count = hand_back_all()
         if count:
             log.warning("warm shutdown (%s): handing back %d running applies", sig, count)
