@@ -17,7 +17,7 @@ from typing import Any, Protocol, TypeVar
 from leases import Lease, fence, mint_token
 from storage import applies, control, fenced
 from storage.engine import Database
-from storage.errors import StorageBusy, StorageUnavailable
+from storage.errors import LeaseLost, StorageBusy, StorageError, StorageUnavailable
 from storage.fenced import Fenced
 from storage.states import ApplyState, ControlState, TaskState
 from tasks.engines import Engine, EngineCancelled, EngineContext, EngineError, TaskSpec
@@ -106,18 +106,24 @@ class ApplyRunner:
         self._write(start)
         self._report(index, total, spec, spec.progress)
         self.effects.progress(boundary=True)
-        if self.engine.already_applied(spec):
-            self._write(lambda fx: self._complete_task(fx, spec, "task_skipped", label))
-            return None
         ctx = EngineContext(
             progress=self._progress_writer(spec, index, total), cancelled=self.interrupts.event
         )
         try:
+            if self.engine.already_applied(spec):
+                self._write(lambda fx: self._complete_task(fx, spec, "task_skipped", label))
+                return None
             self.engine.run(spec, ctx)
         except EngineCancelled:
             return self._interrupted(spec)
-        except EngineError as exc:
-            return self._end(ApplyState.FAILED, "failed", str(exc), failed_task=spec)
+        except (LeaseLost, StorageError):
+            raise  # ours, not the engine's: nothing more may be written / retried by reclaim
+        except Exception as exc:
+            # EngineError, but also a target missing from this worker's configuration or an
+            # engine bug: fail the apply with the real reason rather than leave it running, to
+            # be reclaimed again and again until it fails as "abandoned".
+            error = str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
+            return self._end(ApplyState.FAILED, "failed", error, failed_task=spec)
         self._write(lambda fx: self._complete_task(fx, spec, "task_completed", label))
         self._report(index, total, spec, 100)
         self.effects.progress(boundary=True)
