@@ -14,9 +14,12 @@ logs of the failing test's processes are attached to its report.
 from __future__ import annotations
 
 import atexit
+import fcntl
 import importlib.util
 import os
 import signal
+import tempfile
+import time
 import uuid
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager, suppress
@@ -36,6 +39,7 @@ from tests.e2e.helpers import Cluster, Stack, client_app, process_env
 REDIS_URL = os.environ.get("LEASEHOLD_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 # The only Redis databases this suite touches (and flushes).
 BROKER_DB, RESULTS_DB = 11, 12
+LOCK_WAIT = 90.0  # seconds another run may hold those databases before this one gives up
 
 _CLUSTER = pytest.StashKey[Cluster]()
 _TIMINGS = pytest.StashKey[list[str]]()
@@ -54,6 +58,40 @@ def _kill_leftovers() -> None:
 
 
 @contextmanager
+def _exclusive_redis_databases() -> Iterator[None]:
+    """One e2e run at a time on Redis databases 11 and 12 on this machine: two runs would
+    consume each other's messages and flush each other's results."""
+    path = Path(tempfile.gettempdir()) / f"leasehold-e2e-redis-{BROKER_DB}-{RESULTS_DB}.lock"
+    with open(path, "a") as lock:
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    unavailable(
+                        f"another test run kept Redis databases {BROKER_DB}/{RESULTS_DB} "
+                        f"busy for {LOCK_WAIT:g}s ({path})"
+                    )
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _foreign_clients(probe: redis.Redis) -> list[str]:
+    """Other connections to our Redis databases: leftover workers would steal our messages."""
+    me = probe.client_id()
+    return [
+        f"{c.get('addr')} (db {c.get('db')}, {c.get('cmd')})"
+        for c in probe.client_list()
+        if int(c.get("db", -1)) in (BROKER_DB, RESULTS_DB) and int(c["id"]) != me
+    ]
+
+
+@contextmanager
 def _redis_stack(folder: Path) -> Iterator[dict[str, str]]:
     if importlib.util.find_spec("MySQLdb") is None:
         unavailable("mysqlclient is not installed; run scripts/bootstrap.sh")
@@ -63,6 +101,36 @@ def _redis_stack(folder: Path) -> Iterator[dict[str, str]]:
             client.ping()
     except redis.RedisError as exc:
         unavailable(f"Redis at {REDIS_URL} is not reachable: {exc}")
+    with _exclusive_redis_databases():
+        others: list[str] = []
+        deadline = time.monotonic() + 15
+        while (others := _foreign_clients(clients[0])) and time.monotonic() < deadline:
+            time.sleep(0.5)  # e.g. the processes of a run that just ended, still stopping
+        if others:
+            unavailable(
+                f"other clients use Redis databases {BROKER_DB}/{RESULTS_DB} (orphaned celery "
+                f"workers of an earlier run?) and would consume this run's messages: {others}"
+            )
+        with _mariadb_database() as url:
+            try:
+                for client in clients:
+                    client.flushdb()
+                yield {
+                    "LEASEHOLD_DATABASE_URL": url,
+                    "LEASEHOLD_BROKER_URL": f"{REDIS_URL}/{BROKER_DB}",
+                    "LEASEHOLD_RESULT_BACKEND": f"{REDIS_URL}/{RESULTS_DB}",
+                    "LEASEHOLD_VAR_DIR": str(folder / "var"),
+                }
+            finally:
+                for client in clients:
+                    with suppress(redis.RedisError):
+                        client.flushdb()
+                    client.close()
+
+
+@contextmanager
+def _mariadb_database() -> Iterator[str]:
+    """A database of our own on the MariaDB/MySQL server, dropped afterwards."""
     server = make_url(MYSQL_SERVER_URL)
     name = f"leasehold_e2e_{uuid.uuid4().hex[:10]}"
     admin = create_engine(server.set(database=None), pool_pre_ping=True)
@@ -73,21 +141,8 @@ def _redis_stack(folder: Path) -> Iterator[dict[str, str]]:
         admin.dispose()
         unavailable(f"MySQL/MariaDB at {server.render_as_string()} is not reachable: {exc}")
     try:
-        for client in clients:
-            client.flushdb()
-        yield {
-            "LEASEHOLD_DATABASE_URL": server.set(database=name).render_as_string(
-                hide_password=False
-            ),
-            "LEASEHOLD_BROKER_URL": f"{REDIS_URL}/{BROKER_DB}",
-            "LEASEHOLD_RESULT_BACKEND": f"{REDIS_URL}/{RESULTS_DB}",
-            "LEASEHOLD_VAR_DIR": str(folder / "var"),
-        }
+        yield server.set(database=name).render_as_string(hide_password=False)
     finally:
-        for client in clients:
-            with suppress(redis.RedisError):
-                client.flushdb()
-            client.close()
         with admin.connect() as conn:
             conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
         admin.dispose()

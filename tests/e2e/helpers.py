@@ -20,7 +20,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -132,6 +133,25 @@ def client_app(env: Mapping[str, str]) -> Any:
 
 # --- processes -----------------------------------------------------------------------------------
 
+# Run in front of a celery command line: ask the kernel to SIGKILL the process when the test
+# process dies (PR_SET_PDEATHSIG survives exec), so that a pytest killed before its teardown
+# leaves no worker behind to consume the next run's messages.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0)\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit(f'{sys.argv[2:]}: parent died before exec')\n"
+    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])\n"
+)
+
+
+def die_with_parent(proc: CeleryProcess) -> CeleryProcess:
+    """Make ``proc`` die with the test process (Linux; elsewhere unchanged)."""
+    if sys.platform.startswith("linux"):
+        argv = list(proc.argv)
+        assert argv[0] == sys.executable, argv
+        proc.argv = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv[1:]]
+    return proc
+
 
 @dataclass
 class Cluster:
@@ -159,12 +179,14 @@ class Cluster:
         for _ in range(count):
             name = self._name("w")
             procs.append(
-                worker(
-                    name,
-                    env=self.stack.env,
-                    cwd=self.stack.folder,
-                    logfile=self._logfile(name),
-                    concurrency=concurrency,
+                die_with_parent(
+                    worker(
+                        name,
+                        env=self.stack.env,
+                        cwd=self.stack.folder,
+                        logfile=self._logfile(name),
+                        concurrency=concurrency,
+                    )
                 )
             )
         self.own.extend(procs)
@@ -192,12 +214,14 @@ class Cluster:
         for _ in range(count):
             name = self._name("beat")
             procs.append(
-                beat(
-                    env=self.stack.env,
-                    cwd=self.stack.folder,
-                    logfile=self._logfile(name),
-                    schedule=self.stack.folder / f"{name}-schedule",
-                    name=name,
+                die_with_parent(
+                    beat(
+                        env=self.stack.env,
+                        cwd=self.stack.folder,
+                        logfile=self._logfile(name),
+                        schedule=self.stack.folder / f"{name}-schedule",
+                        name=name,
+                    )
                 )
             )
         self.own.extend(procs)
@@ -492,19 +516,29 @@ def seconds_between(earlier: datetime, later: datetime) -> float:
 # --- freezing a worker ---------------------------------------------------------------------------
 
 
-def apply_row_free(stack: Stack, apply_id: int) -> bool:
-    """True if nobody holds the apply's row lock (on SQLite: the database write lock) now."""
+def _sqlite_free(path: str) -> bool:
+    """True if no connection holds a lock on the SQLite file at ``path`` now. EXCLUSIVE also
+    waits for readers (in rollback-journal mode a frozen reader blocks every writer's commit)."""
+    probe = sqlite3.connect(path, timeout=0.2, isolation_level=None)
+    try:
+        probe.execute("BEGIN EXCLUSIVE")
+        probe.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        probe.close()
+
+
+def locks_free(stack: Stack, apply_id: int) -> bool:
+    """True if nobody holds the apply's row lock (on SQLite: a lock on the database) now, nor,
+    on the embedded default, a lock on the SQLite result backend."""
     if stack.db.is_sqlite:
-        path = stack.database_url.removeprefix("sqlite:///")
-        probe = sqlite3.connect(path, timeout=0.2, isolation_level=None)
-        try:
-            probe.execute("BEGIN IMMEDIATE")
-            probe.execute("ROLLBACK")
-            return True
-        except sqlite3.OperationalError:
-            return False
-        finally:
-            probe.close()
+        paths = [stack.database_url.removeprefix("sqlite:///")]
+        backend = str(stack.client.conf.result_backend)
+        if backend.startswith("db+sqlite:///"):
+            paths.append(backend.removeprefix("db+sqlite:///"))
+        return all(_sqlite_free(path) for path in paths)
     table = metadata.tables["applies"]
     try:
         with stack.db.transaction() as conn:
@@ -517,21 +551,67 @@ def apply_row_free(stack: Stack, apply_id: int) -> bool:
 
 
 def freeze(stack: Stack, proc: CeleryProcess, apply_id: int) -> None:
-    """SIGSTOP ``proc``'s process group at a moment when it holds no lock of the apply.
+    """SIGSTOP ``proc``'s process group at a moment when it holds no lock another worker needs.
 
     A process frozen inside a fenced transaction keeps the apply's row locked (on SQLite, the
-    whole database), so reclaim would skip it (or wait) for as long as it is frozen: a real
-    liveness limit of stopped processes, but not what this test is about.
+    whole database), so reclaim skips it (or waits) for as long as it is frozen; on the embedded
+    default one frozen inside a result-backend write (``update_state``, the STARTED state) holds
+    the SQLite result database, and every other worker's tasks wait to store their states. Both
+    are real liveness limits of stopped processes (the second of the embedded default only), but
+    not what the tests are about.
     """
 
     def stopped_outside_a_transaction() -> bool:
         kill_group(proc, signal.SIGSTOP)
-        if apply_row_free(stack, apply_id):
+        if locks_free(stack, apply_id):
             return True
         kill_group(proc, signal.SIGCONT)
         return False
 
     wait_for(f"{proc.name} frozen outside a transaction", stopped_outside_a_transaction, timeout=10)
+
+
+# --- stalling reclaim passes --------------------------------------------------------------------
+
+
+@contextmanager
+def stale_behind_a_table_lock(stack: Stack, apply_ids: Iterable[int], age: float) -> Iterator[None]:
+    """Hold the ``applies`` table (on SQLite: the database write lock) and, inside that lock,
+    age the heartbeats of ``apply_ids`` by ``age`` seconds. Every reclaim pass that starts in
+    the meantime waits for the lock; on leaving the block they all see the stale applies at once.
+    """
+    ids = ", ".join(str(int(i)) for i in apply_ids)
+    if stack.db.is_sqlite:
+        path = stack.database_url.removeprefix("sqlite:///")
+        conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(
+                "UPDATE applies SET heartbeat_at = "
+                f"strftime('%Y-%m-%d %H:%M:%f000', 'now', '-{float(age)} seconds') "
+                f"WHERE id IN ({ids})"
+            )
+            yield
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        return
+    raw = stack.db.engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        cursor.execute("LOCK TABLES applies WRITE")
+        try:
+            cursor.execute(
+                "UPDATE applies SET heartbeat_at = "
+                f"NOW(6) - INTERVAL {int(age * 1_000_000)} MICROSECOND WHERE id IN ({ids})"
+            )
+            raw.commit()
+            yield
+        finally:
+            cursor.execute("UNLOCK TABLES")
+            cursor.close()
+    finally:
+        raw.close()
 
 
 # --- Flower's view: task events ------------------------------------------------------------------
