@@ -26,6 +26,9 @@ pytest: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/fence_overhead.py
 	$(BIN)/python bench/reclaim_scan.py
+	$(BIN)/python bench/failover.py
+	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/effects.py
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	PYTHON=$(PYTHON) scripts/bootstrap.sh $(VENV)

@@ -140,6 +140,8 @@ if broker_url.startswith("filesystem://"):
         "data_folder_out": str(_queue),
         "processed_folder": str(_processed),
         "store_processed": False,
+        # kombu polls the folder; its default of 1 s would add up to a second to every hop.
+        "polling_interval": 0.1,
         "control_folder": str(_var / "broker" / "control"),
     }
 result_backend = _env.get("LEASEHOLD_RESULT_BACKEND") or f"db+sqlite:///{_var / 'results.sqlite3'}"

@@ -30,8 +30,13 @@ class CeleryProcess:
     cwd: Path | None = None
     logfile: Path | None = None
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    _ready_from: int = field(default=0, init=False)
 
     def start(self) -> CeleryProcess:
+        # A restart appends to the same log: readiness counts only what this start writes.
+        self._ready_from = (
+            self.logfile.stat().st_size if self.logfile and self.logfile.exists() else 0
+        )
         out = open(self.logfile, "ab") if self.logfile else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
             list(self.argv),
@@ -61,7 +66,11 @@ class CeleryProcess:
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
-            if READY_MARK in self.log():
+            assert self.logfile is not None
+            if (
+                self.logfile.exists()
+                and READY_MARK.encode() in self.logfile.read_bytes()[self._ready_from :]
+            ):
                 return
             time.sleep(0.05)
         raise TimeoutError(f"{self.name} not ready after {timeout}s:\n{self.log()[-4000:]}")
