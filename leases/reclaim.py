@@ -16,6 +16,13 @@ from storage import leasing
 from storage.engine import Database
 from storage.states import ApplyState
 
+# A batch runs at READ COMMITTED whatever the engine's level. Under REPEATABLE READ the candidate
+# scan also takes gap locks on the (state, heartbeat_at) index, which SKIP LOCKED does not skip:
+# the rotations of a concurrent pass, which insert into that index, then wait for this batch (and
+# two passes can deadlock). READ COMMITTED locks only the rows the scan returns; each rotation is
+# still a CAS on the locked row, so nothing else changes.
+BATCH_ISOLATION = "READ COMMITTED"
+
 
 @dataclass(frozen=True, slots=True)
 class ReclaimPolicy:
@@ -62,7 +69,7 @@ def _reclaim_batch(
     db: Database, policy: ReclaimPolicy, state: ApplyState, older_than: float
 ) -> list[Reclaimed]:
     out: list[Reclaimed] = []
-    with db.transaction() as conn:
+    with db.transaction(isolation_level=BATCH_ISOLATION) as conn:
         for row in leasing.stale(conn, state, older_than=older_than, limit=policy.batch_size):
             token = mint_token()
             silent = "heartbeat" if state == ApplyState.RUNNING else "dispatch"

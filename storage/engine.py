@@ -66,10 +66,23 @@ class Database:
         return self.dialect == "sqlite"
 
     @contextmanager
-    def transaction(self) -> Iterator[Connection]:
-        """One transaction: committed if the block succeeds, rolled back if it raises."""
-        with translate_errors(), self.engine.begin() as conn:
-            yield conn
+    def transaction(self, *, isolation_level: str | None = None) -> Iterator[Connection]:
+        """One transaction: committed if the block succeeds, rolled back if it raises.
+
+        ``isolation_level`` overrides the engine's for this transaction on MySQL/MariaDB (the
+        connection gets the engine's back when it returns to the pool); SQLite has only one.
+        """
+        if isolation_level is None or self.is_sqlite:
+            with translate_errors(), self.engine.begin() as conn:
+                yield conn
+            return
+        level = isolation_level.upper()
+        if level not in ISOLATION_LEVELS:
+            raise ConfigurationError(f"unsupported isolation level {isolation_level!r}")
+        with translate_errors(), self.engine.connect() as conn:
+            conn.execution_options(isolation_level=level)
+            with conn.begin():
+                yield conn
 
     def dispose(self) -> None:
         self.engine.dispose()
