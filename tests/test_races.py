@@ -751,47 +751,53 @@ def test_two_reclaim_passes_at_once_rotate_each_stale_apply_once(
     assert_each_rotated_once(db, held, passes[0] + passes[1])
 
 
+class PauseBeforeCommit:
+    """Holds the first transaction a Database commits open, just before its COMMIT, until the test
+    releases it: a real reclaim pass stopped with its first batch locked and rotated."""
+
+    def __init__(self, db: Database) -> None:
+        self.paused = threading.Event()
+        self.release = threading.Event()
+        event.listen(db.engine, "commit", self._before_commit)
+
+    def _before_commit(self, conn: Connection) -> None:
+        if not self.paused.is_set():
+            self.paused.set()
+            self.release.wait(JOIN)
+
+
 @ISOLATIONS
 def test_reclaim_pass_beside_a_batch_held_open_never_rotates_twice(
     db: Database, open_db: OpenDb, spawn: Spawn, isolation: str | None
 ) -> None:
-    """One pass holds its batch (10 applies, locked and rotated) open; another pass runs. MySQL:
-    it skips the locked rows and finishes while the batch is still open. SQLite: it waits."""
+    """One reclaim pass is held before committing its first batch (10 applies, locked and
+    rotated); another pass runs. MySQL: the second skips the locked rows and finishes while that
+    batch is still open (also on an engine at REPEATABLE READ, whose gap locks SKIP LOCKED would
+    not skip: reclaim batches run at READ COMMITTED). SQLite: the second pass waits."""
     held = stale_applies(db)
-    policy = ReclaimPolicy(stale_after=60, batch_size=7)
     holding, other = open_db(isolation_level=isolation), open_db(isolation_level=isolation)
-    tap = Tap(other)
-    second = spawn("second-pass", lambda: leases.reclaim(other, policy))
-    first: list[Reclaimed] = []
+    pause, tap = PauseBeforeCommit(holding), Tap(other)
+    first = spawn(
+        "first-pass", lambda: leases.reclaim(holding, ReclaimPolicy(stale_after=60, batch_size=10))
+    )
+    second = spawn(
+        "second-pass", lambda: leases.reclaim(other, ReclaimPolicy(stale_after=60, batch_size=7))
+    )
 
-    with holding.transaction() as conn:
-        holder = holder_id(holding, conn)
-        for row in leasing.stale(conn, ApplyState.RUNNING, older_than=60, limit=10):
-            token = mint_token()
-            epoch = leasing.rotate(
-                conn,
-                row,
-                new_token=token,
-                to_state=ApplyState.DISPATCHED,
-                event="reclaimed",
-                reason="first pass, held open",
-                reclaimed=True,
-            )
-            first.append(
-                Reclaimed(row.apply_id, row.epoch, row.state, Lease(row.apply_id, epoch, token))
-            )
-        assert len(first) == 10
+    try:
+        first.start()
+        assert pause.paused.wait(POLL), "the first pass never reached its commit"
         second.start()
         if db.is_sqlite:
-            prove_blocked(db, second, tap, holder=holder, what="the second reclaim pass")
+            prove_blocked(db, second, tap, holder=None, what="the second reclaim pass")
         else:
-            # Finished while the first batch is still open: the locked rows were skipped.
-            rest = second.result(timeout=POLL)
-            assert {r.apply_id for r in rest}.isdisjoint(r.apply_id for r in first)
-            assert len(rest) == STALE - len(first)
+            # Finished while the first batch is still open: its locked rows were skipped.
+            assert len(second.result(timeout=POLL)) == STALE - 10
+        assert first.thread.is_alive()
+    finally:
+        pause.release.set()
 
-    rest = second.result()
-    assert_each_rotated_once(db, held, first + rest)
+    assert_each_rotated_once(db, held, first.result() + second.result())
 
 
 # --- 6. fenced writes and heartbeats hammering one lease while it is rotated once -----------------
