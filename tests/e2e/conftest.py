@@ -34,15 +34,23 @@ from storage import open_database
 from storage.migrate import upgrade
 from tests import support
 from tests.conftest import MYSQL_SERVER_URL, unavailable
-from tests.e2e.helpers import Cluster, Stack, client_app, process_env
+from tests.e2e.helpers import (
+    Cluster,
+    Stack,
+    all_apply_ids,
+    assert_epochs_non_decreasing,
+    client_app,
+    process_env,
+)
 
 REDIS_URL = os.environ.get("LEASEHOLD_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 # The only Redis databases this suite touches (and flushes).
 BROKER_DB, RESULTS_DB = 11, 12
-LOCK_WAIT = 90.0  # seconds another run may hold those databases before this one gives up
+LOCK_WAIT = 60.0  # seconds another run may hold those databases before this one gives up
 
 _CLUSTER = pytest.StashKey[Cluster]()
 _TIMINGS = pytest.StashKey[list[str]]()
+_PASSED = pytest.StashKey[bool]()
 _ALL: list[Cluster] = []
 
 
@@ -81,13 +89,13 @@ def _exclusive_redis_databases() -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _foreign_clients(probe: redis.Redis) -> list[str]:
+def _foreign_clients(ours: list[redis.Redis]) -> list[str]:
     """Other connections to our Redis databases: leftover workers would steal our messages."""
-    me = probe.client_id()
+    mine = {int(client.client_id()) for client in ours}
     return [
         f"{c.get('addr')} (db {c.get('db')}, {c.get('cmd')})"
-        for c in probe.client_list()
-        if int(c.get("db", -1)) in (BROKER_DB, RESULTS_DB) and int(c["id"]) != me
+        for c in ours[0].client_list()
+        if int(c.get("db", -1)) in (BROKER_DB, RESULTS_DB) and int(c["id"]) not in mine
     ]
 
 
@@ -104,12 +112,13 @@ def _redis_stack(folder: Path) -> Iterator[dict[str, str]]:
     with _exclusive_redis_databases():
         others: list[str] = []
         deadline = time.monotonic() + 15
-        while (others := _foreign_clients(clients[0])) and time.monotonic() < deadline:
+        while (others := _foreign_clients(clients)) and time.monotonic() < deadline:
             time.sleep(0.5)  # e.g. the processes of a run that just ended, still stopping
         if others:
             unavailable(
-                f"other clients use Redis databases {BROKER_DB}/{RESULTS_DB} (orphaned celery "
-                f"workers of an earlier run?) and would consume this run's messages: {others}"
+                f"{len(others)} other clients use Redis databases {BROKER_DB}/{RESULTS_DB} "
+                "(orphaned celery workers of a killed run?) and would consume this run's "
+                f"messages: {', '.join(others[:3])}"
             )
         with _mariadb_database() as url:
             try:
@@ -193,14 +202,19 @@ def module_cluster(stack: Stack) -> Iterator[Cluster]:
 @pytest.fixture
 def cluster(module_cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[Cluster]:
     """The stack's processes for one test, with empty leasehold tables. Processes the test
-    starts are stopped after it (SIGCONT, SIGTERM, then SIGKILL)."""
-    support.wipe(module_cluster.stack.db)
+    starts are stopped after it (SIGCONT, SIGTERM, then SIGKILL). After a passing test, every
+    apply's log must have non-decreasing epochs (invariant 5), whatever the test looked at."""
+    db = module_cluster.stack.db
+    support.wipe(db)
     module_cluster.begin_test()
     request.node.stash[_CLUSTER] = module_cluster
     try:
         yield module_cluster
     finally:
         module_cluster.end_test()
+    if request.node.stash.get(_PASSED, False):
+        for apply_id in all_apply_ids(db):
+            assert_epochs_non_decreasing(db, apply_id)
 
 
 @pytest.fixture
@@ -217,6 +231,8 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
+    if report.when == "call":
+        item.stash[_PASSED] = report.passed
     cluster = item.stash.get(_CLUSTER, None)
     if report.failed and cluster is not None:
         for title, body in cluster.log_sections():

@@ -386,6 +386,12 @@ def events(db: Database, apply_id: int) -> list[tuple[int, str]]:
     return [(entry.epoch, entry.event) for entry in logs(db, apply_id)]
 
 
+def all_apply_ids(db: Database) -> list[int]:
+    table = metadata.tables["applies"]
+    with db.transaction() as conn:
+        return [int(i) for i in conn.execute(select(table.c.id).order_by(table.c.id)).scalars()]
+
+
 def control_requests(db: Database, apply_id: int) -> list[RowMapping]:
     table = metadata.tables["control_requests"]
     with db.transaction() as conn:
