@@ -3,10 +3,11 @@
 Every interleaving here is made, not waited for: one connection holds its transaction open while
 another acts, and the test proves the second one is *blocked* before letting the first commit.
 
-- MySQL/MariaDB: the server says so. ``information_schema.INNODB_LOCK_WAITS`` must show the
-  acting connection (its ``CONNECTION_ID()``, reported by a hook on its engine just before each
-  statement) waiting for the holder's transaction (whose ``CONNECTION_ID()`` the holder reads
-  inside that transaction).
+- MySQL/MariaDB: the server says so. ``SHOW ENGINE INNODB STATUS`` must show the transaction
+  of the acting connection (its ``CONNECTION_ID()``, reported by a hook on its engine just
+  before each statement) in ``LOCK WAIT`` for a lock on the test database's ``applies`` table,
+  while the holder's transaction (whose ``CONNECTION_ID()`` the holder reads inside it) is open.
+  The scratch database is private to the test session, so nothing else can hold that lock.
 - SQLite: every transaction begins with ``BEGIN IMMEDIATE``, which cannot return while another
   connection holds the write lock. The test proves the acting thread is *inside* the driver call
   executing that ``BEGIN IMMEDIATE`` (its innermost Python frame, read with
@@ -21,6 +22,7 @@ polls have deadlines, joins have timeouts, so a bug fails a test instead of hang
 from __future__ import annotations
 
 import itertools
+import re
 import sys
 import threading
 import time
@@ -191,23 +193,38 @@ class Tap:
             return {cid for t, _, cid in self.executed if t == thread.ident and cid is not None}
 
 
-# InnoDB refreshes the cache behind INNODB_TRX and INNODB_LOCK_WAITS only when it was last read
-# more than 0.1 s ago (trx_i_s_cache): polling faster would read a stale snapshot forever.
-INNODB_CACHE_REFRESH = 0.15
-
-_LOCK_WAITS = text(
-    "SELECT r.trx_mysql_thread_id AS waiting, b.trx_mysql_thread_id AS blocking"
-    " FROM information_schema.INNODB_LOCK_WAITS w"
-    " JOIN information_schema.INNODB_TRX r ON r.trx_id = w.requesting_trx_id"
-    " JOIN information_schema.INNODB_TRX b ON b.trx_id = w.blocking_trx_id"
-    " WHERE r.trx_state = 'LOCK WAIT'"
-)
+@dataclass(frozen=True)
+class InnoDbTransaction:
+    connection_id: int
+    active: bool  # begun and not yet committed or rolled back
+    waiting_for: str | None  # `db`.`table` of the lock it waits for; None if it is not waiting
 
 
-def lock_waits(observer: Database) -> set[tuple[int, int]]:
-    """(waiting connection id, blocking connection id) of every InnoDB lock wait right now."""
+_TRX_THREAD = re.compile(r"(?:MariaDB|MySQL) thread id (\d+)")
+_TRX_WAITING_FOR = re.compile(r"FOR THIS LOCK TO BE GRANTED:\n[^\n]*? of table (`[^`]+`\.`[^`]+`)")
+
+
+def innodb_transactions(observer: Database) -> dict[int, InnoDbTransaction]:
+    """Every InnoDB transaction right now, by connection id, from ``SHOW ENGINE INNODB STATUS``.
+
+    Not ``information_schema.INNODB_TRX``/``INNODB_LOCK_WAITS``: InnoDB serves those from a cache
+    that it refreshes only when nobody read it in the previous 0.1 s, so any other frequent reader
+    on the server (a parallel test run) keeps it stale for good. The status report is built on
+    each call."""
     with observer.engine.connect() as conn:
-        return {(int(r.waiting), int(r.blocking)) for r in conn.execute(_LOCK_WAITS)}
+        status = str(conn.execute(text("SHOW ENGINE INNODB STATUS")).one()[2])
+    found: dict[int, InnoDbTransaction] = {}
+    for block in status.split("\n---TRANSACTION ")[1:]:
+        thread = _TRX_THREAD.search(block)
+        if thread is None:
+            continue
+        waiting = _TRX_WAITING_FOR.search(block) if "\nLOCK WAIT " in block else None
+        found[int(thread[1])] = InnoDbTransaction(
+            int(thread[1]),
+            active=" ACTIVE " in block.split("\n", 1)[0],
+            waiting_for=None if waiting is None else waiting[1],
+        )
+    return found
 
 
 _DRIVER_CALLS = frozenset({"do_execute", "do_execute_no_params"})
@@ -235,15 +252,22 @@ def prove_blocked(
         )
     else:
         assert holder is not None
+        applies_table = f"`{observer.engine.url.database}`.`applies`"
 
         def waiting() -> bool:
-            waits = lock_waits(observer)
-            return any((cid, holder) in waits for cid in tap.connection_ids(worker.thread))
+            now = innodb_transactions(observer)
+            if holder not in now or not now[holder].active:
+                return False  # the holder's transaction must still be open
+            return any(
+                now[cid].waiting_for == applies_table
+                for cid in tap.connection_ids(worker.thread)
+                if cid in now
+            )
 
         wait_until(
             waiting,
-            f"InnoDB shows {what} in LOCK WAIT on connection {holder}",
-            interval=INNODB_CACHE_REFRESH,
+            f"InnoDB shows {what} in LOCK WAIT on a row of {applies_table}"
+            f" while connection {holder}'s transaction is open",
         )
     assert not worker.finished_within(SETTLE), f"{what} finished although it should be blocked"
 
