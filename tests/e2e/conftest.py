@@ -40,6 +40,7 @@ from tests.e2e.helpers import (
     all_apply_ids,
     assert_epochs_non_decreasing,
     client_app,
+    close_client,
     process_env,
 )
 
@@ -89,13 +90,14 @@ def _exclusive_redis_databases() -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _foreign_clients(ours: list[redis.Redis]) -> list[str]:
-    """Other connections to our Redis databases: leftover workers would steal our messages."""
-    mine = {int(client.client_id()) for client in ours}
+def _foreign_consumers(probe: redis.Redis) -> list[str]:
+    """Connections consuming from our broker database (kombu consumers block in BRPOP): workers
+    left behind by an earlier run would steal this run's messages. The test process itself
+    never consumes from it."""
     return [
-        f"{c.get('addr')} (db {c.get('db')}, {c.get('cmd')})"
-        for c in ours[0].client_list()
-        if int(c.get("db", -1)) in (BROKER_DB, RESULTS_DB) and int(c["id"]) not in mine
+        str(c.get("addr"))
+        for c in probe.client_list()
+        if int(c.get("db", -1)) == BROKER_DB and c.get("cmd") == "brpop"
     ]
 
 
@@ -112,13 +114,13 @@ def _redis_stack(folder: Path) -> Iterator[dict[str, str]]:
     with _exclusive_redis_databases():
         others: list[str] = []
         deadline = time.monotonic() + 15
-        while (others := _foreign_clients(clients)) and time.monotonic() < deadline:
+        while (others := _foreign_consumers(clients[0])) and time.monotonic() < deadline:
             time.sleep(0.5)  # e.g. the processes of a run that just ended, still stopping
         if others:
             unavailable(
-                f"{len(others)} other clients use Redis databases {BROKER_DB}/{RESULTS_DB} "
-                "(orphaned celery workers of a killed run?) and would consume this run's "
-                f"messages: {', '.join(others[:3])}"
+                f"{len(others)} connections consume from Redis database {BROKER_DB} (celery "
+                "workers left behind by a killed run?) and would steal this run's messages: "
+                f"{', '.join(others[:4])}"
             )
         with _mariadb_database() as url:
             try:
@@ -184,7 +186,7 @@ def stack(
             url = values["LEASEHOLD_DATABASE_URL"]
             yield Stack(kind, folder, url, env, db, client, redis=kind == "redis")
         finally:
-            client.close()
+            close_client(client)
             db.dispose()
 
 

@@ -131,6 +131,20 @@ def client_app(env: Mapping[str, str]) -> Any:
     return app
 
 
+def close_client(app: Any) -> None:
+    """Close a client app. A Redis result backend keeps a connection pool and a pub/sub
+    connection of its own; the broker connections live in kombu's process-wide pools, shared by
+    every app with the same broker URL, and stay there for the next one."""
+    backend = app.backend
+    consumer = getattr(backend, "result_consumer", None)
+    if consumer is not None:
+        consumer.stop()
+    pool = getattr(getattr(backend, "client", None), "connection_pool", None)
+    if pool is not None:
+        pool.disconnect()
+    app.close()
+
+
 # --- processes -----------------------------------------------------------------------------------
 
 # Run in front of a celery command line: ask the kernel to SIGKILL the process when the test
