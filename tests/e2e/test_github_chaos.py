@@ -1,0 +1,481 @@
+"""Chaos over real ``celery worker`` / ``celery beat`` processes publishing on the GitHub stand-in
+(a real HTTP server in this process): a worker frozen (SIGSTOP) past ``stale_after`` while
+another finishes its apply, then woken (SIGCONT); and a worker killed (SIGKILL) while one of its
+comment edits is held inside the stand-in.
+
+After each, what the pull request shows obeys the issue's invariants: per comment, the epochs in
+the markers of the recorded edits never decrease; exactly one terminal body, and it is the last
+edit; exactly one check run per apply, concluded once; and the apply completed exactly once.
+
+Two stacks: the embedded default (SQLite + ``filesystem://``) and Redis (database 15 only, for
+broker and results alike) + MariaDB. Fixtures are this module's own: the shared e2e fixtures use
+other Redis databases, and every test here needs the stand-in's URL in the processes' env.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import os
+import secrets
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from queue import Empty
+from typing import Any
+
+import pytest
+import redis
+from kombu.connection import Connection
+from sqlalchemy import create_engine, select, text
+from sqlalchemy.engine import make_url
+
+from storage import open_database
+from storage.engine import Database
+from storage.errors import StorageError
+from storage.migrate import upgrade
+from storage.tables import applies, apply_comments, checks
+from tasks.github import render
+from tasks.github.standin import GitHubStandIn
+from tasks.processes import CeleryProcess
+from tests import support
+from tests.conftest import MYSQL_SERVER_URL, unavailable
+from tests.e2e.helpers import (
+    RESULT_TIMEOUT,
+    STALE_AFTER,
+    Cluster,
+    Stack,
+    assert_completed_once,
+    client_app,
+    describe,
+    kill_group,
+    owner_worker,
+    process_env,
+    reclaimed_from,
+    row,
+    sleep_payload,
+    submit_task,
+    wait_for,
+    wait_log,
+    wait_progress,
+    wait_state,
+)
+
+pytestmark = pytest.mark.slow
+
+REDIS_URL = os.environ.get("LEASEHOLD_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+REDIS_DB = 15  # the only Redis database this module touches (and flushes)
+COMMENT_INTERVAL = 0.3
+OWNER, REPO = "acme", "shop"
+TERMINAL = {"completed", "failed", "cancelled"}
+# a reclaim (stale_after + a reclaim interval), a delivery, the lock-delay and the rest of the
+# apply, with room for a slow machine
+FINISH_TIMEOUT = STALE_AFTER + 30.0
+_ALIVE: list[Cluster] = []
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """If pytest dies between setup and teardown, no process of ours outlives it."""
+    for cluster in _ALIVE:
+        for proc in [*cluster.shared, *cluster.own]:
+            if proc.proc is not None and proc.proc.poll() is None:
+                with suppress(OSError):
+                    os.killpg(proc.pid, signal.SIGCONT)
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+
+# --- stacks --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Base:
+    """A module's deployment minus GitHub: database, broker and result backend."""
+
+    name: str
+    folder: Path
+    values: dict[str, str]
+    db: Database
+    client: Any
+
+
+@contextmanager
+def _redis_mariadb(folder: Path) -> Iterator[dict[str, str]]:
+    if importlib.util.find_spec("MySQLdb") is None:
+        unavailable("mysqlclient is not installed; run scripts/bootstrap.sh")
+    client = redis.Redis.from_url(f"{REDIS_URL}/{REDIS_DB}")
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        client.close()
+        unavailable(f"Redis at {REDIS_URL} is not reachable: {exc}")
+    server = make_url(MYSQL_SERVER_URL)
+    name = f"leasehold_chaos_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(server.set(database=None), pool_pre_ping=True)
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
+    except Exception as exc:
+        admin.dispose()
+        client.close()
+        unavailable(f"MySQL/MariaDB at {server.render_as_string()} is not reachable: {exc}")
+    try:
+        client.flushdb()
+        yield {
+            "LEASEHOLD_DATABASE_URL": server.set(database=name).render_as_string(
+                hide_password=False
+            ),
+            "LEASEHOLD_BROKER_URL": f"{REDIS_URL}/{REDIS_DB}",
+            "LEASEHOLD_RESULT_BACKEND": f"{REDIS_URL}/{REDIS_DB}",
+            "LEASEHOLD_VAR_DIR": str(folder / "var"),
+        }
+    finally:
+        with suppress(redis.RedisError):
+            client.flushdb()
+        client.close()
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+        admin.dispose()
+
+
+@contextmanager
+def _sqlite(folder: Path) -> Iterator[dict[str, str]]:
+    yield {
+        "LEASEHOLD_DATABASE_URL": f"sqlite:///{folder / 'leasehold.sqlite3'}",
+        "LEASEHOLD_VAR_DIR": str(folder / "var"),
+    }
+
+
+@pytest.fixture(scope="module", params=["sqlite", "redis"])
+def base(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Base]:
+    kind = str(request.param)
+    folder = tmp_path_factory.mktemp(f"chaos-{kind}")
+    with _redis_mariadb(folder) if kind == "redis" else _sqlite(folder) as values:
+        db = open_database(values["LEASEHOLD_DATABASE_URL"])
+        upgrade(db)
+        client = client_app(process_env(values))
+        try:
+            yield Base(kind, folder, values, db, client)
+        finally:
+            client.close()
+            db.dispose()
+
+
+@pytest.fixture
+def token() -> str:
+    return "ghp_" + secrets.token_hex(20)
+
+
+@pytest.fixture
+def github(token: str) -> Iterator[GitHubStandIn]:
+    with GitHubStandIn([token]) as standin:
+        yield standin
+
+
+@pytest.fixture
+def cluster(base: Base, github: GitHubStandIn, token: str) -> Iterator[Cluster]:
+    """This test's processes, configured for the stand-in; all stopped afterwards (SIGCONT,
+    SIGTERM, then SIGKILL), failing test or not."""
+    support.wipe(base.db)
+    env = process_env(
+        base.values
+        | {
+            "LEASEHOLD_GITHUB_API_URL": github.url,
+            "LEASEHOLD_GITHUB_TOKEN": token,
+            "LEASEHOLD_COMMENT_INTERVAL": str(COMMENT_INTERVAL),
+        }
+    )
+    stack = Stack(
+        base.name,
+        base.folder,
+        base.values["LEASEHOLD_DATABASE_URL"],
+        env,
+        base.db,
+        base.client,
+        redis=base.name == "redis",
+    )
+    made = Cluster(stack)
+    _ALIVE.append(made)
+    try:
+        yield made
+    finally:
+        made.close()
+        _ALIVE.remove(made)
+
+
+@contextmanager
+def logs_on_failure(cluster: Cluster, github: GitHubStandIn, apply_id: list[int]) -> Iterator[None]:
+    """On failure, print every process's log, the apply and the stand-in's comment history."""
+    try:
+        yield
+    except BaseException:
+        for title, body in cluster.log_sections():
+            print(f"----- {title} -----\n{body}")
+        for found in apply_id:
+            print(f"----- apply -----\n{describe(cluster.stack.db, found)}")
+        for comment in github.comments(OWNER, REPO, PULL_REQUEST):
+            print(f"----- comment {comment.id} -----")
+            for body in github.comment_history(comment.id):
+                print(f"{render.parse_marker(body)} {_headline(body)}")
+        for run in github.check_runs():
+            states = [(v.status, v.conclusion) for v in github.check_run_history(run.id)]
+            print(f"----- check run {run.id} {run.external_id}: {states}")
+        raise
+
+
+def _sqlite_free(path: Path) -> bool:
+    """True if no connection holds any lock on the SQLite file (EXCLUSIVE waits for readers
+    too: in rollback-journal mode a frozen reader blocks every writer's commit)."""
+    probe = sqlite3.connect(path, timeout=0.2, isolation_level=None)
+    try:
+        probe.execute("BEGIN EXCLUSIVE")
+        probe.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        probe.close()
+
+
+def _locks_free(stack: Stack, apply_id: int) -> bool:
+    """Nobody holds the apply's row (MariaDB), or the database and the result backend's files
+    (the embedded default)."""
+    if stack.db.is_sqlite:
+        database = Path(stack.database_url.removeprefix("sqlite:///"))
+        results = Path(stack.env["LEASEHOLD_VAR_DIR"]) / "results.sqlite3"
+        return _sqlite_free(database) and (not results.exists() or _sqlite_free(results))
+    try:
+        with stack.db.transaction() as conn:
+            conn.execute(
+                select(applies.c.id).where(applies.c.id == apply_id).with_for_update(nowait=True)
+            )
+    except StorageError:
+        return False
+    return True
+
+
+def freeze(stack: Stack, proc: CeleryProcess, apply_id: int) -> None:
+    """SIGSTOP ``proc``'s process group at a moment when it holds no lock of the apply and, on
+    the embedded default, no lock of the SQLite result backend either.
+
+    A worker frozen while it writes a task state (``update_state`` at every progress report)
+    keeps the result backend's file locked, and then every other worker's task bookkeeping,
+    the reclaim task's included, fails with "database is locked" until it is resumed: the same
+    liveness limit as a writer frozen inside a fence on the embedded default (see
+    docs/architecture.md), and not what these tests are about.
+    """
+
+    def stopped_outside_locks() -> bool:
+        kill_group(proc, signal.SIGSTOP)
+        if _locks_free(stack, apply_id):
+            return True
+        kill_group(proc, signal.SIGCONT)
+        return False
+
+    wait_for(f"{proc.name} frozen outside any lock", stopped_outside_locks, timeout=10)
+
+
+# --- what the pull request must show -------------------------------------------------------------
+
+PULL_REQUEST = 42
+
+
+def _headline(body: str) -> str:
+    marker = "leasehold apply #"
+    line = next((ln for ln in body.splitlines() if marker in ln), "")
+    return line.rsplit("**", 2)[-2] if line.count("**") >= 2 else ""
+
+
+def submit(cluster: Cluster, sha: str, *seconds: float) -> int:
+    payload = sleep_payload(*seconds) | {
+        "repository": f"{OWNER}/{REPO}",
+        "pull_request": PULL_REQUEST,
+        "head_sha": sha,
+    }
+    return submit_task(cluster.stack, payload)
+
+
+def assert_pull_request_consistent(
+    github: GitHubStandIn, db: Database, apply_id: int, sha: str
+) -> list[str]:
+    """The issue's invariants on what GitHub recorded, and leasehold's records agree."""
+    mine = [
+        c
+        for c in github.comments(OWNER, REPO, PULL_REQUEST)
+        if (render.parse_marker(c.body) or (0, 0))[0] == apply_id
+    ]
+    assert len(mine) == 1, [c.body for c in github.comments(OWNER, REPO, PULL_REQUEST)]
+    bodies = github.comment_history(mine[0].id)
+    marks = [render.parse_marker(b) for b in bodies]
+    assert all(m is not None and m[0] == apply_id for m in marks), bodies
+    epochs = [m[1] for m in marks if m is not None]
+    assert epochs == sorted(epochs), f"marker epochs went back: {epochs}"
+    states = [_headline(b) for b in bodies]
+    terminal = [i for i, state in enumerate(states) if state in TERMINAL]
+    assert terminal == [len(bodies) - 1], f"terminal bodies at {terminal} of {states}"
+    assert states[-1] == "completed"
+
+    runs = [
+        r
+        for r in github.check_runs(OWNER, REPO, sha)
+        if r.external_id == render.external_id(apply_id)
+    ]
+    assert len(runs) == 1, runs
+    history = github.check_run_history(runs[0].id)
+    concluded = [(v.status, v.conclusion) for v in history if v.status == "completed"]
+    assert concluded == [("completed", "success")], history
+    assert history[-1].status == "completed"
+
+    with db.transaction() as conn:
+        comment = (
+            conn.execute(select(apply_comments).where(apply_comments.c.apply_id == apply_id))
+            .mappings()
+            .one()
+        )
+        check = conn.execute(select(checks).where(checks.c.apply_id == apply_id)).mappings().one()
+    assert comment["github_comment_id"] == mine[0].id
+    assert comment["body_sha256"] == render.digest(bodies[-1])
+    assert comment["last_epoch"] == epochs[-1]
+    assert (check["github_check_run_id"], check["status"], check["conclusion"]) == (
+        runs[0].id,
+        "completed",
+        "success",
+    )
+    return bodies
+
+
+def _sha() -> str:
+    return secrets.token_hex(20)
+
+
+# --- scenarios -----------------------------------------------------------------------------------
+
+
+def test_sigstop_past_stale_after_then_sigcont_publishes_nothing_stale(
+    cluster: Cluster, github: GitHubStandIn
+) -> None:
+    stack, db = cluster.stack, cluster.stack.db
+    procs = cluster.workers(2)
+    cluster.beats(1)
+    ids: list[int] = []
+    with logs_on_failure(cluster, github, ids):
+        sha = _sha()
+        apply_id = submit(cluster, sha, 0.3, 3.0, 0.3)
+        ids.append(apply_id)
+        wait_progress(db, apply_id, 1, 20, timeout=RESULT_TIMEOUT)
+        before = row(db, apply_id)
+        old_epoch = int(before["lease_epoch"])
+        victim = owner_worker(before["lease_owner"], procs)
+        wait_for(
+            "a progress edit of task 2 at the first epoch",
+            lambda: any("`t2` | running" in b for c in github.comments(OWNER, REPO, PULL_REQUEST)
+                        for b in github.comment_history(c.id)),
+            timeout=RESULT_TIMEOUT,
+        )  # fmt: skip
+
+        freeze(stack, victim, apply_id)  # SIGSTOP, outside any fence or result write
+        wait_state(db, apply_id, "completed", timeout=FINISH_TIMEOUT)
+        assert reclaimed_from(db, apply_id) == [old_epoch]
+        published = github.requests()
+
+        kill_group(victim, signal.SIGCONT)
+        wait_log(victim, "lease lost, stopping without further writes", timeout=RESULT_TIMEOUT)
+        assert github.requests() == published, "the woken worker reached GitHub"
+        bodies = assert_pull_request_consistent(github, db, apply_id, sha)
+        epochs = {m[1] for b in bodies if (m := render.parse_marker(b))}
+        assert epochs == {old_epoch, old_epoch + 1}
+        assert_completed_once(db, apply_id)
+
+
+def test_sigkill_while_an_edit_is_held_then_the_edit_lands(
+    cluster: Cluster, github: GitHubStandIn
+) -> None:
+    """The victim's comment edit is held inside the stand-in (its fence open) when the victim is
+    killed; the stand-in then applies it, as GitHub may apply a request whose sender died. The
+    next holder's edits, after reclaim and the lock-delay, come later and at a higher epoch."""
+    db = cluster.stack.db
+    procs = cluster.workers(2)
+    cluster.beats(1)
+    ids: list[int] = []
+    with logs_on_failure(cluster, github, ids):
+        sha = _sha()
+        apply_id = submit(cluster, sha, 0.3, 3.0, 0.3)
+        ids.append(apply_id)
+        wait_progress(db, apply_id, 1, 20, timeout=RESULT_TIMEOUT)
+        before = row(db, apply_id)  # read now: once the edit is held, the row is locked
+        old_epoch = int(before["lease_epoch"])
+        victim = owner_worker(before["lease_owner"], procs)
+
+        gate = github.hold("PATCH", r"/issues/comments/\d+$", count=1)
+        assert gate.wait_arrived(RESULT_TIMEOUT), "no comment edit was made"
+        held = next(r for r in github.requests() if r.method == "PATCH" and r.status is None)
+        assert render.parse_marker(held.body["body"]) == (apply_id, old_epoch)
+        kill_group(victim, signal.SIGKILL)
+        assert victim.proc is not None
+        assert victim.proc.wait(10) == -signal.SIGKILL
+        gate.release()  # the dead worker's edit lands now
+        assert gate.wait_answered(10)
+
+        wait_state(db, apply_id, "completed", timeout=FINISH_TIMEOUT)
+        assert reclaimed_from(db, apply_id) == [old_epoch]
+        bodies = assert_pull_request_consistent(github, db, apply_id, sha)
+        epochs = [m[1] for b in bodies if (m := render.parse_marker(b))]
+        assert held.body["body"] in bodies
+        landed = bodies.index(held.body["body"])
+        assert set(epochs[: landed + 1]) == {old_epoch}
+        assert set(epochs[landed + 1 :]) == {old_epoch + 1}
+        assert_completed_once(db, apply_id)
+
+
+# --- the embedded broker under concurrent producers ----------------------------------------------
+
+PRODUCER = """
+import sys
+from kombu.connection import Connection
+folder, count = sys.argv[1], int(sys.argv[2])
+options = {"data_folder_in": folder, "data_folder_out": folder}
+with Connection("filesystem://", transport_options=options) as conn:  # kombu's own producer
+    for n in range(count):
+        conn.default_channel._put("q", {"n": n, "pad": "x" * 20000})
+"""
+
+
+def test_the_embedded_broker_never_hands_out_a_half_written_message(tmp_path: Path) -> None:
+    """What crashed a surviving worker in the chaos runs ("Unrecoverable error:
+    JSONDecodeError", kombu #1551): kombu's consumer read message files that their producer was
+    still writing. ``tasks.broker`` (the ``filesystem://`` transport of every process importing
+    ``tasks``) takes only complete files: two producer processes, one consumer, nothing lost,
+    nothing half read."""
+    import tasks.broker
+
+    count, producers = 1500, 2
+    procs = [
+        subprocess.Popen([sys.executable, "-c", PRODUCER, str(tmp_path), str(count)])
+        for _ in range(producers)
+    ]
+    got: list[int] = []
+    try:
+        options = {"data_folder_in": str(tmp_path), "data_folder_out": str(tmp_path)}
+        connect: Callable[..., Any] = Connection  # kombu is untyped
+        with connect("filesystem://", transport_options=options) as conn:
+            assert isinstance(conn.transport, tasks.broker.Transport)
+            channel = conn.default_channel
+            deadline = time.monotonic() + 60
+            while len(got) < count * producers and time.monotonic() < deadline:
+                try:
+                    got.append(int(channel._get("q")["n"]))
+                except Empty:
+                    time.sleep(0.001)
+    finally:
+        for proc in procs:
+            assert proc.wait(30) == 0
+    assert sorted(got) == sorted(list(range(count)) * producers)
