@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                     backend.name, url, iterations=args.iterations, seconds=args.seconds
                 )
         except _common.BackendUnavailable as exc:
-            print(f"\n[{backend.name}] SKIPPED: {exc}")
+            print(f"\n[{backend.name}] SKIPPED, NOT MEASURED: {exc}")
             continue
         report(results[backend.name], args.iterations)
 
