@@ -187,8 +187,11 @@ class Cluster:
         folder.mkdir(exist_ok=True)
         return folder / f"{name}.log"
 
-    def workers(self, count: int, *, concurrency: int = 2) -> list[CeleryProcess]:
-        """Start ``count`` workers for this test (in parallel) and wait until they are ready."""
+    def workers(
+        self, count: int, *, concurrency: int = 2, env: Mapping[str, str] | None = None
+    ) -> list[CeleryProcess]:
+        """Start ``count`` workers for this test (in parallel) and wait until they are ready;
+        ``env`` overrides some of the stack's settings for them."""
         procs = []
         for _ in range(count):
             name = self._name("w")
@@ -196,7 +199,7 @@ class Cluster:
                 die_with_parent(
                     worker(
                         name,
-                        env=self.stack.env,
+                        env={**self.stack.env, **(env or {})},
                         cwd=self.stack.folder,
                         logfile=self._logfile(name),
                         concurrency=concurrency,
@@ -221,7 +224,9 @@ class Cluster:
             self.shared.extend(started)
         return self.shared[:count]
 
-    def beats(self, count: int = 1, *, wait: bool = True) -> list[CeleryProcess]:
+    def beats(
+        self, count: int = 1, *, wait: bool = True, env: Mapping[str, str] | None = None
+    ) -> list[CeleryProcess]:
         """Start ``count`` beat processes, each with its own schedule file; by default wait until
         each has sent its first reclaim task."""
         procs = []
@@ -230,7 +235,7 @@ class Cluster:
             procs.append(
                 die_with_parent(
                     beat(
-                        env=self.stack.env,
+                        env={**self.stack.env, **(env or {})},
                         cwd=self.stack.folder,
                         logfile=self._logfile(name),
                         schedule=self.stack.folder / f"{name}-schedule",
