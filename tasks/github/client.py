@@ -114,6 +114,11 @@ class GitHubClient:
         )
         return int(data["id"])
 
+    def comment_body(self, repository: str, comment_id: int) -> str:
+        owner, repo = _split(repository)
+        data = self._call(lambda: self._gh.rest.issues.get_comment(owner, repo, comment_id))
+        return str(data.get("body") or "")
+
     def edit_comment(self, repository: str, comment_id: int, body: str) -> None:
         owner, repo = _split(repository)
         self._call(
@@ -150,6 +155,13 @@ class GitHubClient:
         }
         data = self._call(lambda: self._gh.rest.checks.create(owner, repo, data=payload))
         return int(data["id"])
+
+    def check_run_state(self, repository: str, check_run_id: int) -> tuple[str, str | None]:
+        """(status, conclusion) of a check run as GitHub shows it now."""
+        owner, repo = _split(repository)
+        data = self._call(lambda: self._gh.rest.checks.get(owner, repo, check_run_id))
+        conclusion = data.get("conclusion")
+        return str(data["status"]), None if conclusion is None else str(conclusion)
 
     def update_check_run(
         self,

@@ -120,8 +120,12 @@ class Publisher:
 
     def publish_in(self, fx: Fenced, state: ApplyState, *, error: str | None = None) -> None:
         """One attempt, inside the caller's fence, at publishing ``state`` (stopped or terminal),
-        so that the publication and the state change commit together."""
-        self._comment_in(fx, state, error=error)
+        so that the publication and the state change commit together.
+
+        An earlier attempt's calls may have reached GitHub although its transaction rolled back
+        (an answer lost or too late): what GitHub already shows is not sent again, so that the
+        final body is edited in once and the check run concluded once."""
+        self._comment_in(fx, state, error=error, unless_shown=True)
         if state.terminal:
             self._check_in(fx, state)
 
@@ -171,7 +175,14 @@ class Publisher:
         )
         return False
 
-    def _comment_in(self, fx: Fenced, state: ApplyState, *, error: str | None = None) -> None:
+    def _comment_in(
+        self,
+        fx: Fenced,
+        state: ApplyState,
+        *,
+        error: str | None = None,
+        unless_shown: bool = False,
+    ) -> None:
         apply, tasks = fenced.read_state(fx)
         body = render.render_comment(apply, tasks, epoch=fx.epoch, state=state, error=error)
         digest = render.digest(body)
@@ -186,9 +197,10 @@ class Publisher:
             self.calls += 1
         if comment_id is None:
             comment_id = self.client.create_comment(self.repository, self.pull_request, body)
-        else:
+            self.calls += 1
+        elif not (unless_shown and self._shows(int(comment_id), body)):
             self.client.edit_comment(self.repository, int(comment_id), body)
-        self.calls += 1
+            self.calls += 1
         fenced.record_comment(
             fx, kind=render.COMMENT_KIND, github_comment_id=int(comment_id), body_sha256=digest
         )
@@ -215,7 +227,7 @@ class Publisher:
                 )
                 self.calls += 1
         conclusion = render.CONCLUSIONS.get(state)
-        if conclusion is not None:
+        if conclusion is not None and self._run_state(int(run_id)) != ("completed", conclusion):
             self.client.update_check_run(
                 self.repository,
                 int(run_id),
@@ -230,3 +242,11 @@ class Publisher:
             status="completed" if conclusion else "in_progress",
             conclusion=conclusion,
         )
+
+    def _shows(self, comment_id: int, body: str) -> bool:
+        self.calls += 1
+        return self.client.comment_body(self.repository, comment_id) == body
+
+    def _run_state(self, run_id: int) -> tuple[str, str | None]:
+        self.calls += 1
+        return self.client.check_run_state(self.repository, run_id)
