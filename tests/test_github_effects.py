@@ -338,7 +338,10 @@ def test_comment_created_on_start_edited_at_boundaries_and_once_per_interval(
         "POST runs",
         "GET comments",  # look for a comment to adopt
         "POST comments",
-        *["PATCH comment"] * 6,
+        *["PATCH comment"] * 5,
+        "GET comment",  # the terminal transition sends only what GitHub does not show yet
+        "PATCH comment",
+        "GET run",
         "PATCH run",  # concluded inside the terminal transition's fence
     ]
     assert all(r.status is not None and r.status < 300 for r in requests)
@@ -425,7 +428,8 @@ def test_stop_publishes_stopped_and_the_resumed_holder_edits_the_same_comment(
     assert states.count("stopped") == 1
     assert states.index("stopped") == epochs.index(second.epoch) - 1
     # the resumed holder adopted its own records: no second lookup, no second creation
-    assert [k for k in kinds(github.requests()) if k.startswith(("GET", "POST"))] == [
+    lookups = ("GET runs", "GET comments", "POST runs", "POST comments")
+    assert [k for k in kinds(github.requests()) if k in lookups] == [
         "GET runs",
         "POST runs",
         "GET comments",
@@ -529,6 +533,41 @@ def test_a_creation_that_landed_but_was_not_committed_is_adopted(
     assert_published(
         github, db, apply_id, epochs=[lease.epoch], state="completed", conclusion="success"
     )
+
+
+def test_a_conclusion_that_landed_but_was_not_committed_is_not_sent_again(
+    db: Database, github: GitHubStandIn, token: str
+) -> None:
+    """The terminal transition's check run conclusion reaches GitHub, but its answer comes after
+    the client's timeout, so the transition (state, final edit, conclusion, rotation) rolls back
+    and is retried in a new fence. GitHub already shows the final body and the conclusion: the
+    retry records them without sending either again."""
+    gate = github.hold("PATCH", RUN, apply="on_arrival", count=1)
+    apply_id = pr_apply(db, (0.05,))
+    lease = run_lease(db, apply_id)
+    pub = publisher(db, lease, github, token, timeout=0.3)
+    try:
+        assert runner(db, lease, pub).run() == Outcome(ApplyState.COMPLETED)
+        assert gate.arrived == 1
+    finally:
+        gate.release()
+    assert gate.wait_answered(5)
+
+    bodies = assert_published(
+        github, db, apply_id, epochs=[lease.epoch], state="completed", conclusion="success"
+    )
+    assert [headline(b) for b in bodies].count("completed") == 1
+    record = comment_record(db, apply_id)
+    assert record is not None
+    assert record["edit_count"] == len(bodies) - 1
+    assert kinds(github.requests())[-6:] == [
+        "GET comment",  # attempt 1: not shown yet
+        "PATCH comment",
+        "GET run",
+        "PATCH run",  # lands, answer too late: attempt 1 rolls back
+        "GET comment",  # attempt 2: shown already
+        "GET run",  # concluded already
+    ]
 
 
 # --- rate limits, 5xx answers, the token ---------------------------------------------------------
