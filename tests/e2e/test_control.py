@@ -67,7 +67,7 @@ def test_stop_while_running_then_resume_from_the_first_unfinished_task(cluster: 
     a CAS dispatches a new lease, and a worker continues from task 2, not from task 1."""
     stack, db = cluster.stack, cluster.stack.db
     cluster.shared_workers(2)
-    apply_id, epoch = _running(stack, 0.3, 3.0, 0.3)
+    apply_id, epoch = _running(stack, 0.3, 4.0, 0.3)
 
     asked = _control_cli(stack, apply_id, "stop")
     assert (asked["request_state"], asked["apply_state"]) == ("pending", "running"), asked
@@ -107,7 +107,7 @@ def test_cancel_while_running(cluster: Cluster) -> None:
     completes the request and cancels the unfinished apply tasks."""
     stack, db = cluster.stack, cluster.stack.db
     cluster.shared_workers(2)
-    apply_id, epoch = _running(stack, 0.3, 3.0, 0.3)
+    apply_id, epoch = _running(stack, 0.3, 4.0, 0.3)
 
     asked = _control_task(stack, apply_id, "cancel")
     assert (asked["request_state"], asked["apply_state"]) == ("pending", "running"), asked
@@ -130,7 +130,7 @@ def test_resume_while_running_is_refused_and_the_apply_runs_on(cluster: Cluster)
     (it does not linger as pending) and the running apply is untouched."""
     stack, db = cluster.stack, cluster.stack.db
     cluster.shared_workers(2)
-    apply_id, epoch = _running(stack, 0.3, 1.5, 0.3)
+    apply_id, epoch = _running(stack, 0.3, 4.0, 0.3)
 
     asked = _control_task(stack, apply_id, "resume")
     assert (asked["request_state"], asked["apply_state"]) == ("failed", "running"), asked

@@ -245,10 +245,18 @@ def test_two_beats_rotate_each_stale_apply_once(cluster: Cluster) -> None:
         assert previous.count(ghost_epochs[apply_id]) == 1, describe(db, apply_id)
         assert len(previous) == len(set(previous)), describe(db, apply_id)
         total += len(previous)
+
     # Every rotation was made by exactly one reclaim pass: the passes' results add up.
-    passes = [int(n) for p in procs for n in _RECLAIM_RESULT.findall(p.log())]
-    assert sum(passes) == total, passes
-    assert len(passes) >= 4, passes
+    def passes() -> list[int]:
+        return [int(n) for p in procs for n in _RECLAIM_RESULT.findall(p.log())]
+
+    wait_for(
+        f"the reclaim passes' results to add up to {total} rotations",
+        lambda: sum(passes()) == total,
+        timeout=10,
+        diagnose=lambda: str(passes()),
+    )
+    assert len(passes()) >= 4, passes()
 
 
 def test_warm_shutdown_hands_the_apply_back_at_once(cluster: Cluster, timing: list[str]) -> None:
