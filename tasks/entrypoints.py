@@ -109,6 +109,7 @@ def run_apply(self: Any, apply_id: Any, lease: Any) -> dict[str, Any]:
     finally:
         beat.stop()
         beat.join()
+        effects.close()
         runtime.unregister_run(self.request.id)
     if outcome.lease is not None:
         send_run(outcome.lease)

@@ -8,6 +8,7 @@ Tokens and keys never appear in messages: githubkit's exceptions name the method
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
@@ -80,10 +81,11 @@ class GitHubClient:
             auth = AppInstallationAuthStrategy(
                 str(config.app_id), key, int(str(config.installation_id))
             )
+        self._open = ExitStack()
         self._gh: GitHub[Any] = GitHub(
             auth,
             base_url=config.api_url.rstrip("/") + "/",
-            timeout=httpx.Timeout(config.timeout),
+            timeout=_budget(config.timeout),
             auto_retry=False,
             http_cache=False,
             # githubkit's default token cache is process-wide and not keyed by API URL; a
@@ -91,6 +93,15 @@ class GitHubClient:
             cache_strategy=MemCacheStrategy(),
             user_agent="leasehold",
         )
+
+    def open(self) -> GitHubClient:
+        """Keep one HTTP connection pool for the calls that follow (on this thread), instead of
+        a new client, and a new TLS handshake made while the apply row is locked, per call."""
+        self._open.enter_context(self._gh)
+        return self
+
+    def close(self) -> None:
+        self._open.close()
 
     # --- issue comments --------------------------------------------------------------------------
 
@@ -212,6 +223,14 @@ class GitHubClient:
             raise GitHubRetryable(f"timed out: {exc!r}") from exc
         except GitHubException as exc:
             raise GitHubRetryable(f"request failed: {exc!r}") from exc
+
+
+def _budget(total: float) -> httpx.Timeout:
+    """httpx times each phase separately; split ``total`` across them so that a call (one
+    connection, one request, a small response) cannot outlast ``total``, which the lock-delay
+    bound relies on. A response trickled in many reads could still exceed it: GitHub's answers
+    here are a few KiB."""
+    return httpx.Timeout(connect=total * 0.3, write=total * 0.2, read=total * 0.4, pool=total * 0.1)
 
 
 def _split(repository: str) -> tuple[str, str]:

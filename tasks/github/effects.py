@@ -42,7 +42,7 @@ def github_effects(
     return Publisher(
         db,
         lease,
-        GitHubClient(config),
+        GitHubClient(config).open(),
         interrupts,
         repository=str(apply["repository"]),
         pull_request=int(apply["pull_request"]),

@@ -50,6 +50,8 @@ class Effects(Protocol):
 
     def pause(self, attempt: int, error: GitHubError) -> None: ...
 
+    def close(self) -> None: ...
+
 
 class NoEffects:
     final_attempts = 1
@@ -67,6 +69,9 @@ class NoEffects:
         pass
 
     def pause(self, attempt: int, error: GitHubError) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 
@@ -135,6 +140,9 @@ class Publisher:
             self.interrupts.raise_if_lost()
             time.sleep(min(0.1, remaining))
         self.interrupts.raise_if_lost()
+
+    def close(self) -> None:
+        self.client.close()
 
     def pause(self, attempt: int, error: GitHubError) -> None:
         delay = BACKOFF[min(attempt, len(BACKOFF) - 1)]
