@@ -7,8 +7,14 @@
   SQLite result backend under ``LEASEHOLD_VAR_DIR`` in a temporary folder.
 
 Processes are real ``celery worker`` / ``celery beat`` processes configured only through
-``LEASEHOLD_*`` variables. Every process is stopped in teardown, failing test or not, and the
-logs of the failing test's processes are attached to its report.
+``LEASEHOLD_*`` variables. Every process is stopped in teardown, failing test or not (and is
+killed by the kernel if pytest itself dies), and the logs of the failing test's processes are
+attached to its report. Measured failover times are printed under "leasehold e2e timings".
+
+``LEASEHOLD_TEST_REDIS_URL`` names another Redis server (default ``redis://127.0.0.1:6379``;
+databases 11 and 12 on it). One run at a time uses them (a lock file in the temp folder), and a
+run refuses to start next to workers still consuming from database 11. ``-m "not slow"``
+leaves the whole suite out.
 """
 
 from __future__ import annotations
