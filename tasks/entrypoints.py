@@ -10,7 +10,13 @@ from celery.exceptions import Ignore
 
 from leases import Lease, LeaseLost, redeem
 from storage import applies
-from storage.errors import InvalidLease
+from storage.errors import (
+    ApplyNotFound,
+    InvalidInput,
+    InvalidLease,
+    InvalidTransition,
+    RowNotFound,
+)
 from tasks import runtime, service
 from tasks.app import app
 from tasks.dispatcher import send_run
@@ -26,13 +32,17 @@ LEASE_LOST = "LEASE_LOST"  # a distinct final state, shown by Flower from the ta
 PROGRESS = "PROGRESS"
 
 
-@app.task(name="leasehold.submit_apply", bind=True)
+# Errors that are the caller's, not ours: reported as task failures, logged without a traceback.
+EXPECTED = (InvalidInput, ApplyNotFound, InvalidTransition, RowNotFound)
+
+
+@app.task(name="leasehold.submit_apply", bind=True, throws=EXPECTED)
 def submit_apply(self: Any, **payload: Any) -> dict[str, int]:
     apply_id = service.submit(runtime.database(), runtime.settings(), payload, send_run)
     return {"apply_id": apply_id}
 
 
-@app.task(name="leasehold.control_apply")
+@app.task(name="leasehold.control_apply", throws=EXPECTED)
 def control_apply(apply_id: Any, action: Any, requested_by: Any = None) -> dict[str, Any]:
     return service.control_apply(runtime.database(), apply_id, action, requested_by, send_run)
 
@@ -63,7 +73,7 @@ class _FlowerReporter:
         self.task.send_event("task-progress", **meta)
 
 
-@app.task(name="leasehold.run_apply", bind=True)
+@app.task(name="leasehold.run_apply", bind=True, throws=EXPECTED)
 def run_apply(self: Any, apply_id: Any, lease: Any) -> dict[str, Any]:
     apply_id = service.require_id(apply_id)
     held = Lease.from_json(lease)
@@ -80,6 +90,12 @@ def run_apply(self: Any, apply_id: Any, lease: Any) -> dict[str, Any]:
     try:
         origin = redeem(db, held, owner)
     except LeaseLost as exc:
+        if exc.current_epoch is not None and held.epoch >= exc.current_epoch:
+            # Every epoch has exactly one token: a later epoch, or the current one with another
+            # token, was never issued. Only an older epoch is ambiguous (stale or forged).
+            raise InvalidLease(
+                f"lease for apply {apply_id} epoch {held.epoch} was never issued"
+            ) from exc
         # A duplicate or stale message: nothing was written, nothing to do.
         log.info("run_apply %r not redeemed: %s", held, exc)
         return {"apply_id": apply_id, "epoch": held.epoch, "outcome": "not_redeemed"}

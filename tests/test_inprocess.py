@@ -181,13 +181,16 @@ def test_bad_messages_fail_clearly_and_write_nothing(db: Database) -> None:
     assert support.snapshot(db) == before
 
     # A lease with the right shape that was never issued (a later epoch, or the current epoch
-    # with a made-up token) is refused by the redemption CAS: it ends as not redeemed, writing
-    # nothing (see the report of issue 3 on whether it should fail instead).
+    # with a made-up token) is refused by the redemption CAS and fails as never issued, writing
+    # nothing. (Only an older epoch is indistinguishable from a stale message.)
     for forged in (
         Lease(apply_id, current.epoch + 1, mint_token()),
         Lease(apply_id, current.epoch, mint_token()),
     ):
-        assert outcome_of(run(forged))["outcome"] == "not_redeemed"
+        result = run(forged)
+        error = outcome_of(result, propagate=False)
+        assert result.state == "FAILURE"
+        assert "was never issued" in str(error)
     assert support.snapshot(db) == before
     assert state_of(db, apply_id) == "dispatched"
 

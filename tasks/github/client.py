@@ -8,8 +8,8 @@ Tokens and keys never appear in messages: githubkit's exceptions name the method
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path

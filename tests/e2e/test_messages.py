@@ -190,18 +190,19 @@ def test_bad_messages_fail_clearly_and_write_nothing(cluster: Cluster) -> None:
             failures.append(f"{name}({str(kwargs)[:120]}): {result.state} {error!r}")
     assert not failures, "\n".join(failures)
 
-    # Forged leases (right shape, never issued; or the current epoch with a made-up token) are
-    # indistinguishable from stale messages: they end quietly, not redeemed, writing nothing.
+    # Forged leases (right shape, never issued: a later epoch, or the current epoch with a
+    # made-up token; every epoch has one token) fail clearly, writing nothing.
     forged = [
         Lease(apply_id, current.epoch + 1, mint_token()),
         Lease(apply_id, current.epoch, mint_token()),
     ]
-    quiet = [
+    refused = [
         stack.client.send_task(RUN_APPLY, kwargs={"apply_id": apply_id, "lease": lease.to_json()})
         for lease in forged
     ]
-    for result in quiet:
-        outcome = result.get(timeout=RESULT_TIMEOUT)
-        assert outcome["outcome"] == "not_redeemed", outcome
+    for result in refused:
+        error = result.get(timeout=RESULT_TIMEOUT, propagate=False)
+        assert result.state == "FAILURE", (result.state, error)
+        assert "was never issued" in str(error), error
     assert support.snapshot(db) == before
     assert row(db, apply_id)["state"] == "dispatched"
