@@ -8,6 +8,7 @@ import importlib.util
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -31,13 +32,15 @@ def unavailable(reason: str) -> None:
     pytest.skip(f"SKIPPED, NOT TESTED: {reason}")
 
 
-@pytest.fixture(scope="session")
-def mysql_server() -> Iterator[str]:
-    """A scratch database on the MySQL/MariaDB server, migrated; dropped at the end."""
+@contextmanager
+def scratch_mysql_database(prefix: str) -> Iterator[str]:
+    """A database of our own (``prefix`` + random suffix) on the MySQL/MariaDB server at
+    ``LEASEHOLD_TEST_MYSQL_URL``; yields its URL and drops it afterwards. Never touches another
+    database. An unreachable server is ``unavailable()``: a skip locally, a failure in CI."""
     if importlib.util.find_spec("MySQLdb") is None:
         unavailable("mysqlclient is not installed; run scripts/bootstrap.sh")
     server = make_url(MYSQL_SERVER_URL)
-    name = f"leasehold_test_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = create_engine(server.set(database=None), pool_pre_ping=True)
     try:
         with admin.connect() as conn:
@@ -45,16 +48,22 @@ def mysql_server() -> Iterator[str]:
     except Exception as exc:
         admin.dispose()
         unavailable(f"MySQL/MariaDB at {server.render_as_string()} is not reachable: {exc}")
-    url = server.set(database=name).render_as_string(hide_password=False)
-    db = open_database(url)
-    upgrade(db)
-    db.dispose()
     try:
-        yield url
+        yield server.set(database=name).render_as_string(hide_password=False)
     finally:
         with admin.connect() as conn:
             conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def mysql_server() -> Iterator[str]:
+    """A scratch database on the MySQL/MariaDB server, migrated; dropped at the end."""
+    with scratch_mysql_database("leasehold_test") as url:
+        db = open_database(url)
+        upgrade(db)
+        db.dispose()
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -3,17 +3,14 @@ mysql engine against a real MariaDB/MySQL target database created and dropped fo
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from storage.errors import ConfigurationError, InvalidInput, LeaseLost
 from tasks.engines import (
@@ -28,7 +25,7 @@ from tasks.engines import (
 from tasks.engines.mysql import MySQLEngine
 from tasks.engines.sleep import SleepEngine
 from tests.celery_fixtures import wait_until
-from tests.conftest import MYSQL_SERVER_URL, unavailable
+from tests.conftest import scratch_mysql_database
 
 
 @dataclass
@@ -187,23 +184,8 @@ def test_sleep_is_never_already_applied() -> None:
 @pytest.fixture(scope="module")
 def target_url() -> Iterator[str]:
     """A scratch target database on the MariaDB/MySQL server; dropped at the end."""
-    if importlib.util.find_spec("MySQLdb") is None:
-        unavailable("mysqlclient is not installed; run scripts/bootstrap.sh")
-    server = make_url(MYSQL_SERVER_URL)
-    name = f"leasehold_target_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(server.set(database=None))
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f"CREATE DATABASE {name}"))
-    except Exception as exc:
-        admin.dispose()
-        unavailable(f"MySQL/MariaDB at {server.render_as_string()} is not reachable: {exc}")
-    try:
-        yield server.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
-        admin.dispose()
+    with scratch_mysql_database("leasehold_target") as url:
+        yield url
 
 
 @pytest.fixture

@@ -4,11 +4,9 @@ StorageUnavailable. On fresh SQLite files and fresh MariaDB databases made (and 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +14,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, inspect, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import inspect, text
 
 from storage import open_database
 from storage.engine import Database
@@ -25,7 +22,7 @@ from storage.errors import SchemaError, StorageIntegrityError, StorageUnavailabl
 from storage.migrate import VERSION_TABLE, current_revision, head_revision, upgrade
 from storage.tables import metadata
 from tests import support
-from tests.conftest import MYSQL_SERVER_URL, unavailable
+from tests.conftest import scratch_mysql_database
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,23 +33,8 @@ def fresh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'fresh.sqlite3'}"
         return
-    if importlib.util.find_spec("MySQLdb") is None:
-        unavailable("mysqlclient is not installed; run scripts/bootstrap.sh")
-    server = make_url(MYSQL_SERVER_URL)
-    name = f"leasehold_scratch_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server.set(database=None))
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
-    except Exception as exc:
-        admin.dispose()
-        unavailable(f"MySQL/MariaDB at {server.render_as_string()} is not reachable: {exc}")
-    try:
-        yield server.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
-        admin.dispose()
+    with scratch_mysql_database("leasehold_scratch") as url:
+        yield url
 
 
 @pytest.fixture

@@ -26,20 +26,17 @@ import os
 import signal
 import tempfile
 import time
-import uuid
 from collections.abc import Generator, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from storage import open_database
 from storage.migrate import upgrade
 from tests import support
-from tests.conftest import MYSQL_SERVER_URL, unavailable
+from tests.conftest import scratch_mysql_database, unavailable
 from tests.e2e.helpers import (
     Cluster,
     Stack,
@@ -145,24 +142,9 @@ def _redis_stack(folder: Path) -> Iterator[dict[str, str]]:
                     client.close()
 
 
-@contextmanager
-def _mariadb_database() -> Iterator[str]:
+def _mariadb_database() -> AbstractContextManager[str]:
     """A database of our own on the MariaDB/MySQL server, dropped afterwards."""
-    server = make_url(MYSQL_SERVER_URL)
-    name = f"leasehold_e2e_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(server.set(database=None), pool_pre_ping=True)
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
-    except Exception as exc:
-        admin.dispose()
-        unavailable(f"MySQL/MariaDB at {server.render_as_string()} is not reachable: {exc}")
-    try:
-        yield server.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
-        admin.dispose()
+    return scratch_mysql_database("leasehold_e2e")
 
 
 @contextmanager

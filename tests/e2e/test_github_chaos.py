@@ -23,7 +23,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -34,8 +33,7 @@ from typing import Any
 import pytest
 import redis
 from kombu.connection import Connection
-from sqlalchemy import create_engine, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import select
 
 from storage import open_database
 from storage.engine import Database
@@ -46,7 +44,7 @@ from tasks.github import render
 from tasks.github.standin import GitHubStandIn
 from tasks.processes import CeleryProcess
 from tests import support
-from tests.conftest import MYSQL_SERVER_URL, unavailable
+from tests.conftest import scratch_mysql_database, unavailable
 from tests.e2e.helpers import (
     RESULT_TIMEOUT,
     STALE_AFTER,
@@ -116,33 +114,19 @@ def _redis_mariadb(folder: Path) -> Iterator[dict[str, str]]:
     except redis.RedisError as exc:
         client.close()
         unavailable(f"Redis at {REDIS_URL} is not reachable: {exc}")
-    server = make_url(MYSQL_SERVER_URL)
-    name = f"leasehold_chaos_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(server.set(database=None), pool_pre_ping=True)
     try:
-        with admin.connect() as conn:
-            conn.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
-    except Exception as exc:
-        admin.dispose()
-        client.close()
-        unavailable(f"MySQL/MariaDB at {server.render_as_string()} is not reachable: {exc}")
-    try:
-        client.flushdb()
-        yield {
-            "LEASEHOLD_DATABASE_URL": server.set(database=name).render_as_string(
-                hide_password=False
-            ),
-            "LEASEHOLD_BROKER_URL": f"{REDIS_URL}/{REDIS_DB}",
-            "LEASEHOLD_RESULT_BACKEND": f"{REDIS_URL}/{REDIS_DB}",
-            "LEASEHOLD_VAR_DIR": str(folder / "var"),
-        }
+        with scratch_mysql_database("leasehold_chaos") as url:
+            client.flushdb()
+            yield {
+                "LEASEHOLD_DATABASE_URL": url,
+                "LEASEHOLD_BROKER_URL": f"{REDIS_URL}/{REDIS_DB}",
+                "LEASEHOLD_RESULT_BACKEND": f"{REDIS_URL}/{REDIS_DB}",
+                "LEASEHOLD_VAR_DIR": str(folder / "var"),
+            }
     finally:
         with suppress(redis.RedisError):
             client.flushdb()
         client.close()
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
-        admin.dispose()
 
 
 @contextmanager
