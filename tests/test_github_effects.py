@@ -781,3 +781,30 @@ def test_a_lease_lost_during_the_lock_delay_publishes_nothing(
         beat.stop()
         beat.join()
     assert github.requests() == []
+
+
+def test_after_giving_up_progress_edits_pause_for_a_comment_interval(
+    db: Database, github: GitHubStandIn, token: str
+) -> None:
+    """GitHub down: one effect gives up after its attempts, and the boundary edits that follow
+    within ``comment_interval`` are skipped instead of stalling the apply attempt by attempt."""
+    apply_id = pr_apply(db, (0.01,))
+    lease = run_lease(db, apply_id)
+    clock = FakeClock()
+    pub = publisher(db, lease, github, token, comment_interval=30.0, monotonic=clock)
+    pub.final_attempts = 2
+    pub.pause = lambda attempt, error: None  # type: ignore[method-assign]
+    github.fail_next(100, status=503)
+
+    pub.progress(boundary=True)
+    failed = len(github.requests())
+    assert failed == 2  # both attempts reached GitHub (each a find, answered 503)
+    pub.progress(boundary=True)
+    clock.advance(29.0)
+    pub.progress(boundary=True)
+    assert len(github.requests()) == failed  # quiet: nothing sent
+
+    github.clear_faults()
+    clock.advance(2.0)
+    pub.progress(boundary=True)
+    assert len(github.comments(OWNER, REPO, PR)) == 1  # published again once the pause ends

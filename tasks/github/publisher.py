@@ -105,6 +105,7 @@ class Publisher:
         self._monotonic = monotonic
         self._grace_until = monotonic() + grace
         self._last_edit = float("-inf")
+        self._quiet_until = float("-inf")
         self.calls = 0
 
     # --- the runner's hooks ----------------------------------------------------------------------
@@ -118,6 +119,8 @@ class Publisher:
     def progress(self, *, boundary: bool) -> None:
         """Edit the comment: at every apply task boundary, otherwise at most once an interval."""
         now = self._monotonic()
+        if now < self._quiet_until:
+            return  # GitHub failed us just now: don't stall the apply on every boundary
         if not boundary and now - self._last_edit < self.comment_interval:
             return
         self._last_edit = now
@@ -177,10 +180,12 @@ class Publisher:
                 log.warning("apply %s: effect not fenced, will retry: %s", self.lease.apply_id, exc)
                 self.pause(attempt, GitHubRetryable(str(exc)))
         log.error(
-            "apply %s: GitHub effect given up after %d attempts",
+            "apply %s: GitHub effect given up after %d attempts; progress edits pause for %gs",
             self.lease.apply_id,
             self.final_attempts,
+            self.comment_interval,
         )
+        self._quiet_until = self._monotonic() + self.comment_interval
         return False
 
     def _comment_in(
