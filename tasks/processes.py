@@ -10,8 +10,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 READY_MARK = "ready."
 
@@ -37,17 +39,18 @@ class CeleryProcess:
         self._ready_from = (
             self.logfile.stat().st_size if self.logfile and self.logfile.exists() else 0
         )
-        out = open(self.logfile, "ab") if self.logfile else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            list(self.argv),
-            env=dict(self.env) if self.env is not None else None,
-            cwd=self.cwd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        if self.logfile:
-            out.close()  # type: ignore[union-attr]
+        with ExitStack() as stack:
+            out: IO[bytes] | int = subprocess.DEVNULL
+            if self.logfile:
+                out = stack.enter_context(open(self.logfile, "ab"))  # the child keeps its copy
+            self.proc = subprocess.Popen(
+                list(self.argv),
+                env=dict(self.env) if self.env is not None else None,
+                cwd=self.cwd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         return self
 
     @property

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -197,7 +198,7 @@ class GitHubClient:
         self, fetch: Callable[[int], Any], *, key: str | None = None
     ) -> Iterator[list[dict[str, Any]]]:
         for page in range(1, MAX_PAGES + 1):
-            data = self._call(lambda p=page: fetch(p))  # type: ignore[misc]
+            data = self._call(partial(fetch, page))
             items: list[dict[str, Any]] = data[key] if key else data
             yield items
             if len(items) < PER_PAGE:
