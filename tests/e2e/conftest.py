@@ -47,7 +47,7 @@ from tests.e2e.helpers import (
     process_env,
 )
 
-REDIS_URL = os.environ.get("LEASEHOLD_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+REDIS_URL = os.environ.get("LEASEHOLD_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
 # The only Redis databases this suite touches (and flushes).
 BROKER_DB, RESULTS_DB = 11, 12
 LOCK_WAIT = 60.0  # seconds another run may hold those databases before this one gives up

@@ -68,7 +68,7 @@ from tests.e2e.helpers import (
 
 pytestmark = pytest.mark.slow
 
-REDIS_URL = os.environ.get("LEASEHOLD_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+REDIS_URL = os.environ.get("LEASEHOLD_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
 REDIS_DB = 15  # the only Redis database this module touches (and flushes)
 COMMENT_INTERVAL = 0.3
 OWNER, REPO = "acme", "shop"
