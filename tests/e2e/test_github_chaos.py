@@ -19,7 +19,6 @@ import importlib.util
 import os
 import secrets
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -37,12 +36,10 @@ from sqlalchemy import select
 
 from storage import open_database
 from storage.engine import Database
-from storage.errors import StorageError
 from storage.migrate import upgrade
-from storage.tables import applies, apply_comments, checks
+from storage.tables import apply_comments, checks
 from tasks.github import render
 from tasks.github.standin import GitHubStandIn
-from tasks.processes import CeleryProcess
 from tests import support
 from tests.conftest import scratch_mysql_database, unavailable
 from tests.e2e.helpers import (
@@ -53,6 +50,7 @@ from tests.e2e.helpers import (
     assert_completed_once,
     client_app,
     describe,
+    freeze,
     kill_group,
     owner_worker,
     process_env,
@@ -214,58 +212,6 @@ def logs_on_failure(cluster: Cluster, github: GitHubStandIn, apply_id: list[int]
             states = [(v.status, v.conclusion) for v in github.check_run_history(run.id)]
             print(f"----- check run {run.id} {run.external_id}: {states}")
         raise
-
-
-def _sqlite_free(path: Path) -> bool:
-    """True if no connection holds any lock on the SQLite file (EXCLUSIVE waits for readers
-    too: in rollback-journal mode a frozen reader blocks every writer's commit)."""
-    probe = sqlite3.connect(path, timeout=0.2, isolation_level=None)
-    try:
-        probe.execute("BEGIN EXCLUSIVE")
-        probe.execute("ROLLBACK")
-        return True
-    except sqlite3.OperationalError:
-        return False
-    finally:
-        probe.close()
-
-
-def _locks_free(stack: Stack, apply_id: int) -> bool:
-    """Nobody holds the apply's row (MariaDB), or the database and the result backend's files
-    (the embedded default)."""
-    if stack.db.is_sqlite:
-        database = Path(stack.database_url.removeprefix("sqlite:///"))
-        results = Path(stack.env["LEASEHOLD_VAR_DIR"]) / "results.sqlite3"
-        return _sqlite_free(database) and (not results.exists() or _sqlite_free(results))
-    try:
-        with stack.db.transaction() as conn:
-            conn.execute(
-                select(applies.c.id).where(applies.c.id == apply_id).with_for_update(nowait=True)
-            )
-    except StorageError:
-        return False
-    return True
-
-
-def freeze(stack: Stack, proc: CeleryProcess, apply_id: int) -> None:
-    """SIGSTOP ``proc``'s process group at a moment when it holds no lock of the apply and, on
-    the embedded default, no lock of the SQLite result backend either.
-
-    A worker frozen while it writes a task state (``update_state`` at every progress report)
-    keeps the result backend's file locked, and then every other worker's task bookkeeping,
-    the reclaim task's included, fails with "database is locked" until it is resumed: the same
-    liveness limit as a writer frozen inside a fence on the embedded default (see
-    docs/architecture.md), and not what these tests are about.
-    """
-
-    def stopped_outside_locks() -> bool:
-        kill_group(proc, signal.SIGSTOP)
-        if _locks_free(stack, apply_id):
-            return True
-        kill_group(proc, signal.SIGCONT)
-        return False
-
-    wait_for(f"{proc.name} frozen outside any lock", stopped_outside_locks, timeout=10)
 
 
 # --- what the pull request must show -------------------------------------------------------------
