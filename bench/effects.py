@@ -20,8 +20,7 @@ few seconds, each call preceded by the fenced progress write that precedes it in
 from the stand-in's request log: edits per second of wall time, and per second spent inside
 ``progress`` alone.
 
-For context, also an unfenced edit through a githubkit client kept open (``with GitHub(...)``:
-one pooled HTTP connection), since ``GitHubClient`` opens a new HTTP client for every call.
+The client is opened once (one pooled HTTP connection), as ``run_apply`` opens it for a run.
 
 The last line is ``effect_fence_ratio=<x> effect_rate_per_s=<y>``: median fenced / median plain
 edit, and edits per second of wall time, on MariaDB (on SQLite if MariaDB is unavailable; the
@@ -42,10 +41,6 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-
-import httpx
-from githubkit import GitHub, TokenAuthStrategy
-from githubkit.cache import MemCacheStrategy
 
 from leases import Lease, fence
 from storage import fenced
@@ -70,7 +65,6 @@ class Figures:
     backend: str
     fenced_us: float
     plain_us: float
-    pooled_us: float
     fenced_p90_us: float
     plain_p90_us: float
     edits: int
@@ -117,7 +111,7 @@ def _measure(
     seconds: float,
 ) -> Figures:
     lease, task_ids = _common.running_lease(db)
-    client = GitHubClient(GitHubConfig(api_url=github.url, token=token, timeout=10.0))
+    client = GitHubClient(GitHubConfig(api_url=github.url, token=token, timeout=10.0)).open()
     marker = render.marker(lease.apply_id, lease.epoch)
     comment_id = client.create_comment(REPOSITORY, PR, f"{marker}\nfirst")
     bodies = (f"{marker}\nedit {n}" for n in range(10**9))
@@ -138,36 +132,28 @@ def _measure(
 
     fenced_ns: list[int] = []
     plain_ns: list[int] = []
-    pooled_ns: list[int] = []
-    with _pooled(github.url, token) as gh:
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(WARMUP + iterations):
+            kinds = [(fenced_edit, fenced_ns), (plain_edit, plain_ns)]
+            if i % 2:
+                kinds.reverse()
+            for fn, out in kinds:
+                elapsed = _timed(fn)
+                if i >= WARMUP:
+                    out.append(elapsed)
+    finally:
+        gc.enable()
 
-        def pooled_edit() -> None:
-            gh.rest.issues.update_comment(OWNER, REPO, comment_id, data={"body": next(bodies)})
-
-        gc.collect()
-        gc.disable()
-        try:
-            for i in range(WARMUP + iterations):
-                kinds = [
-                    (fenced_edit, fenced_ns),
-                    (plain_edit, plain_ns),
-                    (pooled_edit, pooled_ns),
-                ]
-                if i % 2:
-                    kinds.reverse()
-                for fn, out in kinds:
-                    elapsed = _timed(fn)
-                    if i >= WARMUP:
-                        out.append(elapsed)
-        finally:
-            gc.enable()
-
-    edits, wall, in_progress, per_call = _rate(db, lease, task_ids[0], github, client, seconds)
+    try:
+        edits, wall, in_progress, per_call = _rate(db, lease, task_ids[0], github, client, seconds)
+    finally:
+        client.close()
     return Figures(
         backend=backend,
         fenced_us=_common.median_us(fenced_ns),
         plain_us=_common.median_us(plain_ns),
-        pooled_us=_common.median_us(pooled_ns),
         fenced_p90_us=_common.percentile_us(fenced_ns, 0.9),
         plain_p90_us=_common.percentile_us(plain_ns, 0.9),
         edits=edits,
@@ -175,18 +161,6 @@ def _measure(
         progress_seconds=in_progress,
         progress_median_us=_common.median_us(per_call) if per_call else float("nan"),
     )
-
-
-def _pooled(url: str, token: str) -> AbstractContextManager[GitHub[TokenAuthStrategy]]:
-    gh: GitHub[TokenAuthStrategy] = GitHub(
-        TokenAuthStrategy(token),
-        base_url=url + "/",
-        timeout=httpx.Timeout(10.0),
-        auto_retry=False,
-        http_cache=False,
-        cache_strategy=MemCacheStrategy(),
-    )
-    return gh
 
 
 def _rate(
@@ -251,10 +225,6 @@ def report(figures: Figures, iterations: int) -> None:
     print(
         f"  p90 fenced {figures.fenced_p90_us:.0f} us, p90 plain {figures.plain_p90_us:.0f} us; "
         f"fence + record add {figures.fenced_us - figures.plain_us:.0f} us at the median"
-    )
-    print(
-        f"  context: plain edit on one pooled connection (githubkit client kept open): "
-        f"median {figures.pooled_us:.0f} us"
     )
     print(
         f"  effect rate: {figures.edits} edits in {figures.seconds:.2f} s = "
