@@ -67,5 +67,10 @@ def test_run_serves_a_submitted_apply_and_stops_on_sigterm(tmp_path: Path) -> No
         assert run.wait(60) == 0, log.read_text()[-3000:]
     finally:
         if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
-            run.wait(10)
+            # SIGTERM lets `run` stop its worker and beat (a SIGKILL would orphan them).
+            os.killpg(run.pid, signal.SIGTERM)
+            try:
+                run.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait(10)
