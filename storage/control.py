@@ -51,12 +51,8 @@ def request(
 
 def pending(db: Database, apply_id: int) -> list[ControlRequest]:
     with db.transaction() as conn:
-        return pending_in(conn, apply_id)
-
-
-def pending_in(conn: Connection, apply_id: int) -> list[ControlRequest]:
-    rows = conn.execute(statements.pending_control_requests(apply_id))
-    return [ControlRequest(int(r.id), apply_id, ControlAction(r.action)) for r in rows]
+        rows = conn.execute(statements.pending_control_requests(apply_id))
+        return [ControlRequest(int(r.id), apply_id, ControlAction(r.action)) for r in rows]
 
 
 def get(db: Database, request_id: int) -> ControlRequest:
