@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 
@@ -43,6 +44,17 @@ def _number(name: str, default: float, *, integer: bool = False) -> float:
     if value < 0 or value != value or value in (float("inf"),):
         raise LeaseholdConfigError(f"{name}={raw!r} must be a finite number >= 0")
     return value
+
+
+def _queue_name(name: str, default: str) -> str:
+    raw = _env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,200}", raw):
+        raise LeaseholdConfigError(
+            f"{name}={raw!r} is not a queue name (letters, digits, '_', '.', ':', '-')"
+        )
+    return raw
 
 
 def _targets(raw: str | None) -> dict[str, str]:
@@ -97,6 +109,12 @@ if any(_app_parts) and not all(_app_parts):
         "or a file path) and LEASEHOLD_GITHUB_APP_INSTALLATION_ID together"
     )
 leasehold_targets = _targets(_env.get("LEASEHOLD_TARGETS"))
+# Two lanes per worker (tasks/slots.py): apply slots run run_apply from the apply queue; Celery's
+# own pool (-c) serves the control plane (submit, control, status, reclaim) from the other queue.
+leasehold_queue = _queue_name("LEASEHOLD_QUEUE", "leasehold")
+leasehold_apply_queue = _queue_name("LEASEHOLD_APPLY_QUEUE", "leasehold.applies")
+leasehold_worker_concurrency = int(_number("LEASEHOLD_WORKER_CONCURRENCY", 4, integer=True))
+leasehold_control_concurrency = int(_number("LEASEHOLD_CONTROL_CONCURRENCY", 4, integer=True))
 
 for _name, _value in (
     ("LEASEHOLD_HEARTBEAT_INTERVAL", leasehold_heartbeat_interval),
@@ -122,6 +140,17 @@ if leasehold_effect_grace <= leasehold_effect_timeout:
     raise LeaseholdConfigError(
         f"LEASEHOLD_EFFECT_GRACE ({leasehold_effect_grace:g}s) must be longer than "
         f"LEASEHOLD_EFFECT_TIMEOUT ({leasehold_effect_timeout:g}s)"
+    )
+for _name, _count in (
+    ("LEASEHOLD_WORKER_CONCURRENCY", leasehold_worker_concurrency),
+    ("LEASEHOLD_CONTROL_CONCURRENCY", leasehold_control_concurrency),
+):
+    if _count < 1:
+        raise LeaseholdConfigError(f"{_name} must be at least 1")
+if leasehold_queue == leasehold_apply_queue:
+    raise LeaseholdConfigError(
+        f"LEASEHOLD_QUEUE and LEASEHOLD_APPLY_QUEUE must differ (both {leasehold_queue!r}): "
+        "applies would take the threads the control plane needs"
     )
 if leasehold_dispatch_timeout <= leasehold_reclaim_interval:
     raise LeaseholdConfigError(
@@ -154,15 +183,21 @@ result_serializer = "json"
 event_serializer = "json"
 result_accept_content = ["json"]
 
-task_default_queue = "leasehold"
+task_default_queue = leasehold_queue
+task_queues = {
+    name: {"exchange": name, "exchange_type": "direct", "routing_key": name}
+    for name in (leasehold_queue, leasehold_apply_queue)
+}
+task_routes = {"leasehold.run_apply": {"queue": leasehold_apply_queue}}
 task_track_started = True
 task_acks_late = False
 task_reject_on_worker_lost = False
 worker_prefetch_multiplier = 1
 # Threads, not prefork: a warm shutdown must reach the running applies (to hand them back), and
 # SIGSTOP of the worker must freeze its heartbeat too. Applies spend their time waiting on I/O.
+# This pool is the control lane only (-c overrides it); applies run on the apply slots.
 worker_pool = "threads"
-worker_concurrency = int(_number("LEASEHOLD_WORKER_CONCURRENCY", 4, integer=True)) or 4
+worker_concurrency = leasehold_control_concurrency
 worker_send_task_events = True
 task_send_sent_event = True
 worker_hijack_root_logger = False

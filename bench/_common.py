@@ -4,6 +4,7 @@ write under, and the arithmetic of medians. Benchmarks print figures; they never
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import statistics
 import tempfile
@@ -79,12 +80,15 @@ def _migrate(url: str) -> None:
         db.dispose()
 
 
+_DATABASES = itertools.count(1)
+
+
 def running_lease(db: Database, *, tasks: int = 1) -> tuple[Lease, list[int]]:
     """A new apply, dispatched and redeemed: the lease of a running worker, and its task ids."""
     created = applies_repo.create(
         db,
         applies_repo.NewApply(
-            database_name="shop",
+            database_name=f"shop{next(_DATABASES)}",  # a line of its own: runs at once
             environment="bench",
             engine="sleep",
             tasks=[

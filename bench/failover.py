@@ -186,7 +186,7 @@ class Cluster:
     procs: dict[str, CeleryProcess] = field(default_factory=dict)
     starts: dict[str, int] = field(default_factory=dict)
 
-    def start_worker(self, name: str, *, concurrency: int = 2) -> CeleryProcess:
+    def start_worker(self, name: str, *, apply_slots: int = 2) -> CeleryProcess:
         # A log file per incarnation: wait_ready looks for "ready." in the whole file.
         self.starts[name] = self.starts.get(name, 0) + 1
         proc = worker(
@@ -194,7 +194,7 @@ class Cluster:
             env=self.stack.env,
             cwd=self.stack.folder,
             logfile=self.stack.folder / f"{name}.{self.starts[name]}.log",
-            concurrency=concurrency,
+            apply_slots=apply_slots,
         )
         self.procs[name] = proc.start()
         return proc

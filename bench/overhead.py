@@ -13,7 +13,7 @@ trip on the same broker, the same worker and the same result backend.
 - reclaim, for context: ``send_task("leasehold.reclaim_stale_applies").get()`` with nothing stale
   (one Celery task and a reclaim pass that finds nothing).
 
-One ``celery worker`` (threads, concurrency 2) and no beat, on Redis + MariaDB by default (a
+One ``celery worker`` (2 apply slots) and no beat, on Redis + MariaDB by default (a
 scratch database, dropped at the end; the Redis database of ``--redis-url``, default 14, is
 emptied before and after) or on the embedded default (``--stack embedded``). The kinds are
 interleaved, their order alternating per iteration so that drift hits all alike, after a few
@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open_stack(
             args.stack, redis=args.redis_url, mysql_server=args.mysql_url, intervals=INTERVALS
         ) as stack:
-            print(f"stack {stack.describe()}; one worker (threads, concurrency 2), no beat")
+            print(f"stack {stack.describe()}; one worker (2 apply slots), no beat")
             print(f"{args.iterations} iterations of each kind, interleaved, {WARMUP} warm-up")
             bench = run(stack, args.iterations)
     except _common.BackendUnavailable as exc:

@@ -14,6 +14,7 @@ from leases.errors import (
 from leases.fence import fence
 from leases.lease import Lease, mint_token
 from leases.lifecycle import check, dispatch, hand_back, heartbeat, redeem, release
+from leases.lines import Submitted, dispatch_waiting, submit
 from leases.reclaim import Reclaimed, ReclaimPolicy, reclaim
 
 __all__ = [
@@ -26,8 +27,10 @@ __all__ = [
     "LeaseholdError",
     "ReclaimPolicy",
     "Reclaimed",
+    "Submitted",
     "check",
     "dispatch",
+    "dispatch_waiting",
     "fence",
     "hand_back",
     "heartbeat",
@@ -35,4 +38,5 @@ __all__ = [
     "reclaim",
     "redeem",
     "release",
+    "submit",
 ]

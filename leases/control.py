@@ -1,8 +1,13 @@
 """Settling control requests for applies that have no owner, by a CAS on their state.
 
-A ``running`` apply has an owner: the request stays pending and the owner acts on it at its next
-safe point, completing it with a fenced write. If that owner is dead, reclaim hands the apply to
-a new owner, which finds the request pending and acts on it.
+A ``running`` apply has an owner: a stop or cancel stays pending and the owner acts on it at its
+next safe point, completing it with a fenced write. If that owner is dead, reclaim hands the
+apply to a new owner, which finds the request pending and acts on it. If the apply ends first,
+the request fails in the transaction that ends it, saying so.
+
+Everything else is settled here at once, under the apply's line lock (``storage.lines``): a stop
+keeps the apply's place in its line (a stopped head holds the applies behind it back), a cancel
+passes the turn on, and a resume dispatches the apply if it heads its line, else queues it.
 """
 
 from __future__ import annotations
@@ -10,13 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from leases.lease import Lease, mint_token
-from storage import control, leasing
+from storage import control, leasing, lines
 from storage.control import ControlRequest
 from storage.engine import Database
 from storage.states import ApplyState, ControlAction, ControlState
 
-_STOPPABLE = frozenset({ApplyState.PENDING, ApplyState.DISPATCHED})
-_CANCELLABLE = frozenset({ApplyState.PENDING, ApplyState.DISPATCHED, ApplyState.STOPPED})
+_STOPPABLE = frozenset({ApplyState.PENDING, ApplyState.QUEUED, ApplyState.DISPATCHED})
+_CANCELLABLE = _STOPPABLE | {ApplyState.STOPPED}
 _EVENTS = {
     ControlAction.STOP: "stopped",
     ControlAction.CANCEL: "cancelled",
@@ -29,21 +34,27 @@ class Settlement:
     request: ControlRequest
     apply_state: ApplyState
     lease: Lease | None = None  # a resumed apply's new lease, to be sent to a worker
+    successor: Lease | None = None  # after a cancel: the next apply of the line, to be sent
 
 
 def settle_unowned(db: Database, request: ControlRequest) -> Settlement:
     """Carry out ``request`` now if the apply has no owner; otherwise leave it pending."""
     apply_id, action = request.apply_id, request.action
-    token = mint_token()
     with db.transaction() as conn:
+        seen = leasing.read(conn, apply_id)
+    if _owner_acts(ApplyState(seen.state), action):
+        return Settlement(request, ApplyState(seen.state))  # no lock: nothing to change here
+    token, successor_token = mint_token(), mint_token()
+    with db.transaction() as conn:
+        line = lines.of(conn, apply_id)
+        lines.lock(conn, line)
         row = leasing.lock(conn, apply_id)
         state = ApplyState(row.state)
-        # The owner acts on a stop or cancel; a running apply has nothing to resume, and its
-        # owner never acts on a resume, which would otherwise stay pending.
-        if state == ApplyState.RUNNING and action != ControlAction.RESUME:
+        if _owner_acts(state, action):  # redeemed meanwhile
             return Settlement(request, state)
         new_state: ApplyState | None = None
         error: str | None = None
+        reason = f"{action} requested (control request {request.id})"
         if action == ControlAction.STOP:
             if state in _STOPPABLE:
                 new_state = ApplyState.STOPPED
@@ -55,26 +66,36 @@ def settle_unowned(db: Database, request: ControlRequest) -> Settlement:
             else:
                 error = f"apply is {state}: nothing to cancel"
         elif state == ApplyState.STOPPED:  # resume
-            new_state = ApplyState.DISPATCHED
+            first = lines.head(conn, line)
+            if first is None or first.apply_id == apply_id:
+                new_state = ApplyState.DISPATCHED
+            else:
+                new_state = ApplyState.QUEUED
+                reason += f": queued behind apply {first.apply_id} ({first.state}) on {line}"
         else:
             error = f"apply is {state}, not stopped: nothing to resume"
 
-        lease: Lease | None = None
+        final = ControlState.FAILED if error else ControlState.COMPLETED
+        # First: a rotation to a terminal state fails every request still pending.
+        control.finish_unowned(conn, apply_id, request.id, state=final, error=error)
+        lease = successor = None
         if new_state is not None:
             epoch = leasing.rotate(
-                conn,
-                row,
-                new_token=token,
-                to_state=new_state,
-                event=_EVENTS[action],
-                reason=f"{action} requested (control request {request.id})",
+                conn, row, new_token=token, to_state=new_state, event=_EVENTS[action], reason=reason
             )
             if new_state == ApplyState.CANCELLED:
                 control.cancel_unfinished_tasks(conn, apply_id, epoch=epoch)
+                promoted = lines.promote(conn, line, successor_token)
+                if promoted is not None:
+                    successor = Lease(promoted.apply_id, promoted.epoch, successor_token)
             if new_state == ApplyState.DISPATCHED:
                 lease = Lease(apply_id, epoch, token)
             state = new_state
-        final = ControlState.FAILED if error else ControlState.COMPLETED
-        control.finish_unowned(conn, apply_id, request.id, state=final, error=error)
     settled = ControlRequest(request.id, apply_id, action, final, error)
-    return Settlement(settled, state, lease)
+    return Settlement(settled, state, lease, successor)
+
+
+def _owner_acts(state: ApplyState, action: ControlAction) -> bool:
+    """A running apply's owner acts on a stop or cancel. A resume of a running apply has nothing
+    to do, and is failed here rather than left pending, as its owner never acts on one."""
+    return state == ApplyState.RUNNING and action != ControlAction.RESUME

@@ -11,13 +11,18 @@ from storage.fenced import Fenced, fenced_transaction
 
 
 @contextmanager
-def fence(db: Database, lease: Lease) -> Iterator[Fenced]:
+def fence(db: Database, lease: Lease, *, finishing: bool = False) -> Iterator[Fenced]:
     """A transaction that holds ``lease``'s apply row locked from its first statement to commit.
 
     Raises ``LeaseLost`` (nothing written) if the lease is not current, ``ApplyNotFound`` if the
     apply does not exist. Pass the handle to the owned writes in ``storage.fenced``; make external
     calls inside the block (with a timeout well below ``stale_after``) and record their results
     there, so that no rotation can commit while the call is in flight.
+
+    ``finishing``: the block may end the apply (``storage.fenced.finish``), passing its line's
+    turn to the next apply, so the line is locked before the fence.
     """
-    with fenced_transaction(db, lease.apply_id, lease.epoch, lease.token) as fx:
+    with fenced_transaction(
+        db, lease.apply_id, lease.epoch, lease.token, finishing=finishing
+    ) as fx:
         yield fx

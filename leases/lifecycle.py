@@ -11,13 +11,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from leases.lease import Lease, mint_token
-from storage import leasing
+from storage import leasing, lines
 from storage.engine import Database
 from storage.errors import InvalidTransition
 from storage.states import ApplyState
 
 # States from which an apply with no holder may be dispatched: first dispatch and resume.
-DISPATCHABLE = (ApplyState.PENDING, ApplyState.STOPPED)
+DISPATCHABLE = (ApplyState.PENDING, ApplyState.QUEUED, ApplyState.STOPPED)
 
 
 def dispatch(
@@ -28,16 +28,26 @@ def dispatch(
     event: str = "dispatched",
     reason: str = "dispatched to a worker",
 ) -> Lease:
-    """Mint a lease for an apply nobody holds (pending, or stopped for a resume).
+    """Mint a lease for an apply nobody holds (queued, or stopped for a resume) that heads its
+    line: ``InvalidTransition`` if another apply of its (database, environment) is ahead of it.
 
     The new lease is returned for the caller to send to a worker; until a worker redeems it the
     apply is ``dispatched`` and reclaim re-dispatches it after the dispatch timeout.
     """
     allowed = [ApplyState(s) for s in from_states]
     with db.transaction() as conn:
+        line = lines.of(conn, apply_id)
+        lines.lock(conn, line)
         row = leasing.lock(conn, apply_id)
         if row.state not in allowed:
             raise InvalidTransition(apply_id, row.state, "dispatch")
+        first = lines.head(conn, line)
+        if first is not None and first.apply_id != apply_id:
+            raise InvalidTransition(
+                apply_id,
+                row.state,
+                f"dispatch: apply {first.apply_id} ({first.state}) is ahead of it on {line}",
+            )
         token = mint_token()
         epoch = leasing.rotate(
             conn, row, new_token=token, to_state=ApplyState.DISPATCHED, event=event, reason=reason

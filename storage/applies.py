@@ -1,5 +1,7 @@
 """Creating applies and reading them back. Nothing here needs a lease: creation happens before
-any lease exists, and reads change nothing."""
+any lease exists, and reads change nothing. A new apply is ``queued`` in its line
+(``storage.lines``); ``leases.submit`` creates and, when its line is free, dispatches it in one
+transaction."""
 
 from __future__ import annotations
 
@@ -9,9 +11,10 @@ from typing import Any
 
 from sqlalchemy import Connection, RowMapping
 
-from storage import statements
+from storage import lines, statements
 from storage.engine import Database
 from storage.errors import ApplyNotFound, StorageIntegrityError
+from storage.lines import Line, Promoted
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,26 +35,38 @@ class NewApply:
     head_sha: str | None = None
     request_id: str | None = None
 
+    @property
+    def line(self) -> Line:
+        return Line(self.database_name, self.environment)
+
 
 @dataclass(frozen=True, slots=True)
 class Created:
     apply_id: int
     created: bool  # False: an earlier submission with the same request_id
+    promoted: Promoted | None = None  # the apply dispatched with ``turn_token``, if any
 
 
-def create(db: Database, new: NewApply) -> Created:
-    """Insert the apply and its apply tasks in one transaction, state ``pending``.
+def create(db: Database, new: NewApply, *, turn_token: str | None = None) -> Created:
+    """Insert the apply (``queued``) and its apply tasks in one transaction, with its line locked
+    from before the insert. With ``turn_token``, the line's head is dispatched with it in the same
+    transaction if it is waiting: the new apply itself when its line was free.
 
-    A repeated ``request_id`` returns the existing apply, also when two submissions race: the
-    unique index decides, and the loser reads the winner's id.
+    A repeated ``request_id`` returns the existing apply and dispatches nothing, also when two
+    submissions race: the unique index decides, and the loser reads the winner's id.
     """
     if new.request_id is not None:
         existing = _by_request_id(db, new.request_id)
         if existing is not None:
             return Created(existing, created=False)
+    lines.ensure(db, new.line)
+    promoted = None
     try:
         with db.transaction() as conn:
+            lines.lock(conn, new.line)
             apply_id = _insert(conn, new)
+            if turn_token is not None:
+                promoted = lines.promote(conn, new.line, turn_token)
     except StorageIntegrityError:
         if new.request_id is None:
             raise
@@ -59,7 +74,7 @@ def create(db: Database, new: NewApply) -> Created:
         if existing is None:
             raise
         return Created(existing, created=False)
-    return Created(apply_id, created=True)
+    return Created(apply_id, created=True, promoted=promoted)
 
 
 def _insert(conn: Connection, new: NewApply) -> int:
@@ -127,3 +142,29 @@ def logs(db: Database, apply_id: int, *, after_id: int = 0, limit: int = 1000) -
 def lease_table(db: Database, *, limit: int = 50) -> list[RowMapping]:
     with db.transaction() as conn:
         return list(conn.execute(statements.lease_table(limit)).mappings())
+
+
+def pending_requests(db: Database, apply_id: int) -> list[RowMapping]:
+    """An apply's control requests still pending, oldest first, with their age (DB clock)."""
+    with db.transaction() as conn:
+        return list(conn.execute(statements.pending_control_requests(apply_id)).mappings())
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Where a waiting apply stands in its line."""
+
+    line: Line
+    position: int  # the head of the line is #1
+    head_id: int
+    head_state: str
+
+
+def place(db: Database, apply_id: int) -> Place | None:
+    """A waiting apply's place in its line; None for an apply at the head or finished."""
+    with db.transaction() as conn:
+        line = lines.of(conn, apply_id)
+        ahead = lines.members(conn, line, before=apply_id)
+    if not ahead:
+        return None
+    return Place(line, len(ahead) + 1, ahead[0].apply_id, str(ahead[0].state))

@@ -105,7 +105,8 @@ class RowNotFound(LeaseholdError, LookupError):
 
 
 class FenceClosed(LeaseholdError, RuntimeError):
-    """A fenced handle was used after its transaction ended: a programming error."""
+    """A fenced handle was used after its transaction ended, or for a write its fence does not
+    cover (ending an apply without holding its line): a programming error."""
 
 
 class StorageError(LeaseholdError):

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Final, final
 
 from sqlalchemy import Connection, RowMapping
 
-from storage import leasing, statements
+from storage import leasing, lines, statements
 from storage.engine import Database
 from storage.errors import FenceClosed, InvalidInput, RowNotFound
+from storage.lines import Line, Promoted
 from storage.states import ApplyState, ControlState, TaskState
 
 _TASK_COLUMNS: Final = frozenset(
@@ -29,14 +31,22 @@ _TASK_COLUMNS: Final = frozenset(
 class Fenced:
     """An open transaction in which the apply's lease was proven current and its row is locked."""
 
-    __slots__ = ("_conn", "_open", "_token", "apply_id", "epoch")
+    __slots__ = ("_conn", "_line", "_open", "_token", "apply_id", "epoch")
 
     def __init__(
-        self, conn: Connection, apply_id: int, epoch: int, token: str, *, _proof: object
+        self,
+        conn: Connection,
+        apply_id: int,
+        epoch: int,
+        token: str,
+        *,
+        line: Line | None,
+        _proof: object,
     ) -> None:
         if _proof is not _PROOF:
             raise FenceClosed("a Fenced handle is only made by fenced_transaction()")
         self._conn = conn
+        self._line = line
         self._open = True
         self._token = token
         self.apply_id = apply_id
@@ -60,15 +70,23 @@ _PROOF: Final = object()
 
 
 @contextmanager
-def fenced_transaction(db: Database, apply_id: int, epoch: int, token: str) -> Iterator[Fenced]:
-    """Open a transaction whose first statement is the fence; yield the handle; commit.
+def fenced_transaction(
+    db: Database, apply_id: int, epoch: int, token: str, *, finishing: bool = False
+) -> Iterator[Fenced]:
+    """Open a transaction whose first lock is the fence; yield the handle; commit.
 
     If the block raises, everything it wrote is rolled back. ``LeaseLost`` or ``ApplyNotFound``
-    come from the fence itself before anything is written.
+    come from the fence itself before anything is written. ``finishing``: the block may end the
+    apply (:func:`finish`), which passes its line's turn on, so the line is locked first (the
+    lock order is a line, then its applies).
     """
     with db.transaction() as conn:
+        line = None
+        if finishing:
+            line = lines.of(conn, apply_id)  # an unlocked read: an apply never changes its line
+            lines.lock(conn, line)
         leasing.fence(conn, apply_id, epoch, token)
-        handle = Fenced(conn, apply_id, epoch, token, _proof=_PROOF)
+        handle = Fenced(conn, apply_id, epoch, token, line=line, _proof=_PROOF)
         try:
             yield handle
         finally:
@@ -178,11 +196,57 @@ def end_lease(
     to_state: ApplyState,
     event: str,
     reason: str,
+) -> int:
+    """Rotate the held lease away as the last write of the fenced transaction (stop, hand back),
+    so that the writes before it and the rotation commit together. Returns the new epoch; the
+    handle's epoch is no longer current once this commits. The apply keeps its line's turn: a
+    terminal state is :func:`finish`'s."""
+    if ApplyState(to_state).terminal:
+        raise FenceClosed(f"ending apply {fx.apply_id} as {to_state} is finish()'s job")
+    return _rotate_away(fx, new_token=new_token, to_state=to_state, event=event, reason=reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    epoch: int  # the apply's last epoch
+    successor: Promoted | None  # the next apply of its line, dispatched in the same transaction
+
+
+def finish(
+    fx: Fenced,
+    *,
+    new_token: str,
+    successor_token: str,
+    to_state: ApplyState,
+    event: str,
+    reason: str,
+    error: str | None = None,
+) -> Finished:
+    """End the apply (completed, failed, cancelled) as the last write of its fenced transaction:
+    rotate its lease away, fail its control requests still pending, and dispatch the next apply
+    of its line with ``successor_token``, all committing together. Needs a fence opened with
+    ``finishing=True``, which holds the line."""
+    if not ApplyState(to_state).terminal:
+        raise FenceClosed(f"finish() ends an apply; {to_state} is end_lease()'s")
+    line = fx._line
+    if line is None:
+        raise FenceClosed(f"finishing apply {fx.apply_id} needs a fence with finishing=True")
+    conn = fx.connection
+    epoch = _rotate_away(
+        fx, new_token=new_token, to_state=to_state, event=event, reason=reason, error=error
+    )
+    return Finished(epoch, lines.promote(conn, line, successor_token))
+
+
+def _rotate_away(
+    fx: Fenced,
+    *,
+    new_token: str,
+    to_state: ApplyState,
+    event: str,
+    reason: str,
     error: str | None = None,
 ) -> int:
-    """Rotate the held lease away as the last write of the fenced transaction (stop, hand back,
-    a terminal state), so that the writes before it and the rotation commit together. Returns the
-    new epoch; the handle's epoch is no longer current once this commits."""
     row = leasing.LeaseRow(fx.apply_id, ApplyState.RUNNING, fx.epoch, fx._token)
     epoch = leasing.rotate(
         fx.connection,

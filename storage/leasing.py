@@ -14,6 +14,7 @@ from sqlalchemy import Connection
 
 from storage import statements
 from storage.errors import ApplyNotFound, InvalidTransition, LeaseLost
+from storage.states import ApplyState
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,8 @@ def rotate(
     rotation at the new epoch, both in the caller's transaction. Returns the new epoch.
 
     ``from_states`` defaults to ``row.state``: the apply must still be in the state the caller saw.
+    A rotation to a terminal state also fails the apply's control requests still pending (every
+    request ends): complete the one being acted on before calling this.
     """
     allowed = [row.state] if from_states is None else list(from_states)
     result = conn.execute(
@@ -103,6 +106,8 @@ def rotate(
             raise LeaseLost(row.apply_id, row.epoch, current_epoch=now.epoch, state=now.state)
         raise InvalidTransition(row.apply_id, now.state, f"move to {to_state}")
     epoch = row.epoch + 1
+    if ApplyState(to_state).terminal:
+        conn.execute(statements.fail_pending_control_requests(row.apply_id, apply_state=to_state))
     level = "error" if to_state == "failed" else "info"
     append_log(
         conn,

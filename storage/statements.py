@@ -13,25 +13,34 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sqlalchemy import (
+    ColumnElement,
     Insert,
     Select,
+    String,
     Update,
     bindparam,
+    case,
     func,
     insert,
+    literal,
     select,
 )
+from sqlalchemy.orm import aliased
 
 from storage import clock
-from storage.states import ApplyState
+from storage.states import IN_LINE_STATES, WAITING_STATES, ApplyState
 from storage.tables import (
     applies,
     apply_comments,
+    apply_lines,
     apply_logs,
     apply_tasks,
     checks,
     control_requests,
 )
+
+_IN_LINE = sorted(IN_LINE_STATES)
+_WAITING = sorted(WAITING_STATES)
 
 # --- the lease row -------------------------------------------------------------------------------
 
@@ -282,6 +291,21 @@ def insert_check(
     )
 
 
+def fail_pending_control_requests(apply_id: int, *, apply_state: str) -> Update:
+    """Every request still pending when its apply ends fails, saying so: "apply completed before
+    the stop took effect". Run by every rotation to a terminal state, in its transaction."""
+    reason: ColumnElement[Any] = (
+        literal(f"apply {apply_state} before the ", String)
+        + control_requests.c.action
+        + literal(" took effect", String)
+    )
+    return (
+        control_requests.update()
+        .where(control_requests.c.apply_id == apply_id, control_requests.c.state == "pending")
+        .values(state="failed", error=reason, completed_at=clock.now())
+    )
+
+
 def finish_control_request(
     apply_id: int, request_id: int, *, state: str, error: str | None
 ) -> Update:
@@ -301,7 +325,7 @@ def finish_control_request(
 
 def insert_apply(values: Mapping[str, Any]) -> Insert:
     return insert(applies).values(
-        state=ApplyState.PENDING,
+        state=ApplyState.QUEUED,
         lease_epoch=0,
         reclaim_count=0,
         created_at=clock.now(),
@@ -354,6 +378,9 @@ def lease_table(limit: int) -> Select[Any]:
             applies.c.state,
             applies.c.database_name,
             applies.c.environment,
+            case((applies.c.state.in_(_WAITING), _ahead_in_line(applies) + 1), else_=None).label(
+                "line_position"
+            ),
             applies.c.lease_epoch,
             applies.c.lease_owner,
             applies.c.lease_token,
@@ -437,7 +464,12 @@ def insert_control_request(apply_id: int, *, action: str, requested_by: str | No
 
 def pending_control_requests(apply_id: int) -> Select[Any]:
     return (
-        select(control_requests.c.id, control_requests.c.action)
+        select(
+            control_requests.c.id,
+            control_requests.c.action,
+            control_requests.c.requested_by,
+            clock.age_of(control_requests.c.created_at).label("age"),
+        )
         .where(control_requests.c.apply_id == apply_id, control_requests.c.state == "pending")
         .order_by(control_requests.c.id)
     )
@@ -453,4 +485,85 @@ def rotation_event(apply_id: int, epoch: int) -> Select[Any]:
         .where(apply_logs.c.apply_id == apply_id, apply_logs.c.lease_epoch == epoch)
         .order_by(apply_logs.c.id)
         .limit(1)
+    )
+
+
+# --- lines: one apply per (database, environment) at a time ---------------------------------------
+
+
+def ensure_line(database_name: str, environment: str) -> Insert:
+    """Create a line's row if it is missing; a no-op when it exists (so, safe to race)."""
+    return (
+        insert(apply_lines)
+        .values(database_name=database_name, environment=environment, created_at=clock.now())
+        .prefix_with("IGNORE", dialect="mysql")
+        .prefix_with("IGNORE", dialect="mariadb")
+        .prefix_with("OR IGNORE", dialect="sqlite")
+    )
+
+
+def insert_line(database_name: str, environment: str) -> Insert:
+    return insert(apply_lines).values(
+        database_name=database_name, environment=environment, created_at=clock.now()
+    )
+
+
+def lock_line(database_name: str, environment: str) -> Select[Any]:
+    """Lock a line until the transaction ends. Taken before any applies row of the line."""
+    return (
+        select(apply_lines.c.database_name)
+        .where(
+            apply_lines.c.database_name == database_name,
+            apply_lines.c.environment == environment,
+        )
+        .with_for_update()
+    )
+
+
+def line_of(apply_id: int) -> Select[Any]:
+    return select(applies.c.database_name, applies.c.environment).where(applies.c.id == apply_id)
+
+
+def line_members(
+    database_name: str, environment: str, *, before: int | None = None, limit: int | None = None
+) -> Select[Any]:
+    """A line's unfinished applies in id order (its head first); ``before``: only those ahead of
+    that apply."""
+    query = select(
+        applies.c.id,
+        applies.c.state,
+        applies.c.lease_epoch,
+        applies.c.lease_token,
+        applies.c.lease_owner,
+    ).where(
+        applies.c.database_name == database_name,
+        applies.c.environment == environment,
+        applies.c.state.in_(_IN_LINE),
+    )
+    if before is not None:
+        query = query.where(applies.c.id < before)
+    return query.order_by(applies.c.id).limit(limit)
+
+
+def waiting_lines() -> Select[Any]:
+    """The lines that hold a waiting apply (each once)."""
+    return (
+        select(applies.c.database_name, applies.c.environment)
+        .where(applies.c.state.in_(_WAITING))
+        .group_by(applies.c.database_name, applies.c.environment)
+    )
+
+
+def _ahead_in_line(row: Any) -> ColumnElement[Any]:
+    """How many unfinished applies of ``row``'s line come before it (a correlated count)."""
+    other = aliased(applies)
+    return (
+        select(func.count())
+        .where(
+            other.c.database_name == row.c.database_name,
+            other.c.environment == row.c.environment,
+            other.c.state.in_(_IN_LINE),
+            other.c.id < row.c.id,
+        )
+        .scalar_subquery()
     )

@@ -6,7 +6,8 @@ from enum import StrEnum
 
 
 class ApplyState(StrEnum):
-    PENDING = "pending"
+    PENDING = "pending"  # written by leasehold before 0.2 only; migrated to queued
+    QUEUED = "queued"  # waiting for its turn on its (database, environment)
     DISPATCHED = "dispatched"
     RUNNING = "running"
     STOPPED = "stopped"
@@ -20,6 +21,10 @@ class ApplyState(StrEnum):
 
 
 TERMINAL_APPLY_STATES = frozenset({ApplyState.COMPLETED, ApplyState.FAILED, ApplyState.CANCELLED})
+# Every apply that is not finished is in its line, in id (submission) order. Only the head of a
+# line may be dispatched or run; a waiting head is dispatched in the transaction that made it so.
+IN_LINE_STATES = frozenset(ApplyState) - TERMINAL_APPLY_STATES
+WAITING_STATES = frozenset({ApplyState.PENDING, ApplyState.QUEUED})
 
 
 class TaskState(StrEnum):

@@ -61,6 +61,19 @@ applies = Table(
     Column("finished_at", Timestamp, nullable=True),
     # The reclaim scan reads (state, heartbeat_at) ranges only: finished applies are never touched.
     Index("ix_applies_state_heartbeat_at", "state", "heartbeat_at"),
+    # A line's unfinished applies, in id order (InnoDB appends the primary key to the index).
+    Index("ix_applies_database_name_environment_state", "database_name", "environment", "state"),
+)
+
+# One row per (database, environment): the lock that serializes every change of who holds the
+# line's turn (submit, the end of an apply, control of an unowned one). Lock order: a line row
+# before any applies row of that line.
+apply_lines = Table(
+    "apply_lines",
+    metadata,
+    Column("database_name", String(128), primary_key=True),
+    Column("environment", String(64), primary_key=True),
+    Column("created_at", Timestamp, nullable=False),
 )
 
 apply_tasks = Table(

@@ -5,6 +5,9 @@ from __future__ import annotations
 from celery import Celery
 
 import tasks.broker  # noqa: F401  (filesystem:// safe against half-written messages)
+from tasks.slots import ApplyLaneStep
 
 app = Celery("leasehold", include=["tasks.entrypoints"])
 app.config_from_object("celeryconfig")
+# Every worker gets its apply slots beside Celery's pool, which then serves the control plane only.
+app.steps["worker"].add(ApplyLaneStep)

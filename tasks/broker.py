@@ -10,6 +10,11 @@ atomic rename, so two consumers never both take it. A file that still does not p
 producer died mid-write) is dropped with a warning: the broker is a doorbell, and reclaim
 re-dispatches what a lost message would have started.
 
+Its consumer can also be woken from another thread (:meth:`Transport.wake`): a worker on this
+broker runs Celery's blocking consumer loop, which does work queued for the consumer thread (such
+as taking applies again once an apply slot frees, ``tasks/slots.py``) only between waits of up
+to two seconds.
+
 Importing this module makes it the transport of every ``filesystem://`` URL in the process;
 ``tasks.app`` imports it, so workers, beat and the CLI use it.
 """
@@ -20,6 +25,8 @@ import fcntl
 import logging
 import os
 import shutil
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from queue import Empty
@@ -78,6 +85,36 @@ class Channel(filesystem.Channel):
 
 class Transport(filesystem.Transport):
     Channel = Channel
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)  # type: ignore[no-untyped-call]
+        self._woken = threading.Event()
+
+    def wake(self) -> None:
+        """End the consumer's current wait for a message now (callable from any thread)."""
+        self._woken.set()
+
+    def drain_events(self, connection: Any, timeout: Any = None) -> Any:  # type: ignore[override]
+        # kombu's virtual.Transport.drain_events, plus the wake-up between polls.
+        cycle = self.cycle
+        assert cycle is not None, "drain_events before the transport made its cycle"
+        started = time.monotonic()
+        interval = self.polling_interval
+        if timeout and interval and interval > timeout:
+            interval = timeout
+        while True:
+            try:
+                cycle.get(self._deliver, timeout=timeout)  # type: ignore[no-untyped-call]
+            except Empty:
+                if self._woken.is_set() or (
+                    timeout is not None and time.monotonic() - started >= timeout
+                ):
+                    self._woken.clear()
+                    raise TimeoutError() from None  # socket.timeout
+                if interval is not None:
+                    time.sleep(interval)
+            else:
+                return
 
 
 TRANSPORT_ALIASES["filesystem"] = f"{__name__}:Transport"

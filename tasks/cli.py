@@ -12,6 +12,7 @@ from typing import Any
 from storage import applies, migrate
 from storage.engine import Database, open_database, redact
 from storage.errors import InvalidInput, LeaseholdError
+from storage.states import ApplyState
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,12 +103,18 @@ def _status(db: Database, args: argparse.Namespace) -> int:
     if args.apply_id is not None:
         return _status_one(db, args.apply_id)
     rows = applies.lease_table(db, limit=args.limit)
-    print(f"{'id':>6}  {'state':<10}  {'epoch':>5}  {'token':<8}  {'owner':<40}  heartbeat")
+    print(
+        f"{'id':>6}  {'state':<10}  {'epoch':>5}  {'token':<8}  {'owner':<40}  {'heartbeat':<12}"
+        "  line"
+    )
     for row in rows:
+        line = f"{row['database_name']}/{row['environment']}"
+        if row["line_position"] is not None:
+            line += f" (#{row['line_position']} in line)"
         print(
             f"{row['id']:>6}  {row['state']:<10}  {row['lease_epoch']:>5}  "
             f"{_token(row['lease_token']):<8}  {(row['lease_owner'] or '-')[:40]:<40}  "
-            f"{_age(row['heartbeat_age'])}"
+            f"{_age(row['heartbeat_age']):<12}  {line}"
         )
     if not rows:
         print("(no applies yet)")
@@ -117,11 +124,23 @@ def _status(db: Database, args: argparse.Namespace) -> int:
 def _status_one(db: Database, apply_id: int) -> int:
     row = applies.get(db, apply_id)
     print(f"apply {row['id']}: {row['state']}  ({row['database_name']} in {row['environment']})")
+    place = applies.place(db, apply_id) if not ApplyState(row["state"]).terminal else None
+    if place is not None:
+        print(
+            f"  #{place.position} in line on {place.line}, behind apply {place.head_id} "
+            f"({place.head_state}): it starts when the applies ahead of it end"
+        )
     print(f"  lease epoch {row['lease_epoch']}, token {_token(row['lease_token'])}…, ", end="")
     print(f"owner {row['lease_owner'] or '-'}, heartbeat {_age(row['heartbeat_age'])}")
     print(
         f"  reclaims {row['reclaim_count']}" + (f", error: {row['error']}" if row["error"] else "")
     )
+    for request in applies.pending_requests(db, apply_id):
+        print(
+            f"  pending request {request['id']}: {request['action']}"
+            + (f" by {request['requested_by']}" if request["requested_by"] else "")
+            + f", asked {_age(request['age'])}"
+        )
     for task in applies.tasks(db, apply_id):
         print(
             f"  {task['position'] + 1:>3}. {task['table_name']:<30} {task['state']:<10} "

@@ -73,7 +73,8 @@ class _FlowerReporter:
         self.task.send_event("task-progress", **meta)
 
 
-@app.task(name="leasehold.run_apply", bind=True, throws=EXPECTED)
+# Strategy: admitted into a free apply slot of the worker, never onto the control pool (slots.py).
+@app.task(name="leasehold.run_apply", bind=True, throws=EXPECTED, Strategy="tasks.slots:strategy")
 def run_apply(self: Any, apply_id: Any, lease: Any) -> dict[str, Any]:
     apply_id = service.require_id(apply_id)
     held = Lease.from_json(lease)
@@ -127,8 +128,9 @@ def run_apply(self: Any, apply_id: Any, lease: Any) -> dict[str, Any]:
         beat.join()
         effects.close()
         runtime.unregister_run(self.request.id)
-    if outcome.lease is not None:
-        send_run(outcome.lease)
+    for lease in (outcome.lease, outcome.successor):
+        if lease is not None:
+            send_run(lease)
     return {
         "apply_id": apply_id,
         "epoch": held.epoch,

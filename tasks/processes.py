@@ -104,20 +104,25 @@ def worker(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     logfile: Path | None = None,
-    concurrency: int = 2,
+    apply_slots: int | None = None,
     loglevel: str = "info",
 ) -> CeleryProcess:
+    """A plain ``celery -A tasks worker``: apply slots and control pool as configured
+    (``apply_slots`` overrides ``LEASEHOLD_WORKER_CONCURRENCY``)."""
     argv = celery_argv(
         "worker",
         "--loglevel",
         loglevel,
         "--hostname",
         f"{name}@%h",
-        "--concurrency",
-        str(concurrency),
         "--without-mingle",
         "--without-gossip",
     )
+    if apply_slots is not None:
+        env = {
+            **(os.environ if env is None else env),
+            "LEASEHOLD_WORKER_CONCURRENCY": f"{apply_slots:d}",
+        }
     return CeleryProcess(name, argv, env, cwd, logfile)
 
 

@@ -42,6 +42,7 @@ class Outcome:
     state: ApplyState
     lease: Lease | None = None  # a handed-back apply's new lease, to be dispatched
     error: str | None = None
+    successor: Lease | None = None  # the next apply of the line, dispatched as this one ended
 
 
 class ApplyRunner:
@@ -159,17 +160,18 @@ class ApplyRunner:
 
         return write
 
-    def _write(self, body: Callable[[Fenced], T]) -> T:
+    def _write(self, body: Callable[[Fenced], T], *, finishing: bool = False) -> T:
         """Run ``body`` inside the fence, retrying while the database is unreachable or busy.
 
         A connection error is not a lost lease; the retries end when the heartbeat thread proves
         the lease lost, or presumes it lost after ``stale_after`` without a heartbeat.
+        ``finishing``: ``body`` ends the apply, so the fence holds its line too.
         """
         attempt = 0
         while True:
             self.interrupts.raise_if_lost()
             try:
-                with fence(self.db, self.lease) as fx:
+                with fence(self.db, self.lease, finishing=finishing) as fx:
                     return body(fx)
             except (StorageUnavailable, StorageBusy) as exc:
                 delay = RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)]
@@ -211,11 +213,12 @@ class ApplyRunner:
     def _transition(
         self,
         prepare: Callable[[Fenced], None],
-        rotate: Callable[[Fenced], int],
+        rotate: Callable[[Fenced], T],
         *,
         publish: ApplyState | None,
         error: str | None = None,
-    ) -> int:
+        finishing: bool = False,
+    ) -> T:
         """Change state and rotate the lease away in one fenced transaction, publishing the new
         state on GitHub inside it, so that the publication and the change commit together.
 
@@ -223,13 +226,13 @@ class ApplyRunner:
         made without the publication rather than left undone.
         """
 
-        def with_publication(fx: Fenced) -> int:
+        def with_publication(fx: Fenced) -> T:
             assert publish is not None
             prepare(fx)
             self.effects.publish_in(fx, publish, error=error)
             return rotate(fx)
 
-        def without_publication(fx: Fenced) -> int:
+        def without_publication(fx: Fenced) -> T:
             prepare(fx)
             return rotate(fx)
 
@@ -237,7 +240,7 @@ class ApplyRunner:
             for attempt in range(self.effects.final_attempts):
                 self.effects.await_grace()
                 try:
-                    return self._write(with_publication)
+                    return self._write(with_publication, finishing=finishing)
                 except GitHubRejected as exc:
                     log.error("apply %s: GitHub refused: %s", self.lease.apply_id, exc)
                     break
@@ -245,7 +248,7 @@ class ApplyRunner:
                     log.warning("apply %s: publishing failed: %s", self.lease.apply_id, exc)
                     self.effects.pause(attempt, exc)
             log.error("apply %s: %s made without publishing it", self.lease.apply_id, publish)
-        return self._write(without_publication)
+        return self._write(without_publication, finishing=finishing)
 
     def _finish_request(self, fx: Fenced) -> None:
         if self.interrupts.request_id is not None:
@@ -257,8 +260,10 @@ class ApplyRunner:
         self, state: ApplyState, event: str, reason: str, *, failed_task: TaskSpec | None = None
     ) -> Outcome:
         """The terminal write: the failed task recorded, the remaining ones cancelled, a control
-        request completed and the lease rotated away, in one fenced transaction."""
+        request completed (the others still pending failed), the lease rotated away and the next
+        apply of the line dispatched, in one fenced transaction that holds the line."""
         error = reason if state == ApplyState.FAILED else None
+        successor_token = mint_token()
 
         def prepare(fx: Fenced) -> None:
             if failed_task is not None:
@@ -268,11 +273,24 @@ class ApplyRunner:
             if state == ApplyState.CANCELLED:
                 self._finish_request(fx)
 
-        def rotate(fx: Fenced) -> int:
-            return fenced.end_lease(
-                fx, new_token=mint_token(), to_state=state, event=event, reason=reason, error=error
+        def rotate(fx: Fenced) -> fenced.Finished:
+            return fenced.finish(
+                fx,
+                new_token=mint_token(),
+                successor_token=successor_token,
+                to_state=state,
+                event=event,
+                reason=reason,
+                error=error,
             )
 
-        self._transition(prepare, rotate, publish=state, error=error)
+        finished = self._transition(prepare, rotate, publish=state, error=error, finishing=True)
         log.info("apply %s %s: %s", self.lease.apply_id, state, reason)
-        return Outcome(state, error=error)
+        successor = finished.successor
+        return Outcome(
+            state,
+            error=error,
+            successor=None
+            if successor is None
+            else Lease(successor.apply_id, successor.epoch, successor_token),
+        )

@@ -9,12 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from leases import InvalidTransition, Lease, dispatch, reclaim
+import leases
+from leases import Lease, dispatch_waiting, reclaim
 from leases.control import settle_unowned
-from storage import applies, control
+from storage import control
 from storage.engine import Database
 from storage.errors import InvalidInput
-from storage.states import ApplyState, ControlAction
+from storage.states import ControlAction
 from tasks.payload import parse_submission
 from tasks.settings import Settings
 
@@ -23,21 +24,16 @@ MAX_REQUESTED_BY = 255
 
 
 def submit(db: Database, settings: Settings, payload: Mapping[str, Any], send: Send) -> int:
-    """Validate, insert the apply and its tasks in one transaction, then dispatch it.
+    """Validate, insert the apply and its tasks in one transaction that also dispatches it if its
+    line (database, environment) is free; else it waits there, ``queued``. Then ring the broker.
 
-    A repeated ``request_id`` returns the same apply; if the first submission died between
-    insert and dispatch, the repeat dispatches it.
+    A repeated ``request_id`` returns the same apply and sends nothing.
     """
     new = parse_submission(payload, targets=settings.targets)
-    created = applies.create(db, new)
-    if created.created or applies.get(db, created.apply_id)["state"] == ApplyState.PENDING:
-        try:
-            lease = dispatch(db, created.apply_id, from_states=(ApplyState.PENDING,))
-        except InvalidTransition:
-            pass  # a concurrent repeat of this submission dispatched it
-        else:
-            send(lease)
-    return created.apply_id
+    submitted = leases.submit(db, new)
+    if submitted.lease is not None:
+        send(submitted.lease)
+    return submitted.apply_id
 
 
 def control_apply(
@@ -53,8 +49,9 @@ def control_apply(
         raise InvalidInput(f"requested_by must be a string of at most {MAX_REQUESTED_BY} chars")
     request, _ = control.request(db, apply_id, ControlAction(action), requested_by=requested_by)
     settled = settle_unowned(db, request)
-    if settled.lease is not None:
-        send(settled.lease)
+    for lease in (settled.lease, settled.successor):
+        if lease is not None:
+            send(lease)
     return {
         "apply_id": apply_id,
         "action": str(action),
@@ -66,11 +63,14 @@ def control_apply(
 
 
 def reclaim_stale(db: Database, settings: Settings, send: Send) -> int:
-    """One reclaim pass; dispatches each reclaimed apply after its batch committed."""
+    """One reclaim pass; dispatches each reclaimed apply after its batch committed. Then the
+    waiting head of every line that has one (after an apply failed as abandoned)."""
     reclaimed = reclaim(db, settings.reclaim_policy)
     for item in reclaimed:
         if item.lease is not None:
             send(item.lease)
+    for lease in dispatch_waiting(db):
+        send(lease)
     return len(reclaimed)
 
 

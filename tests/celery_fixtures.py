@@ -17,6 +17,7 @@ from leases import Lease, dispatch, redeem
 from storage import applies, open_database
 from storage.applies import NewApply, NewTask
 from storage.engine import Database
+from tests.support import new_database
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
@@ -105,8 +106,10 @@ def sleep_apply(
     *,
     fail_at: int | None = None,
     request_id: str | None = None,
+    database: str | None = None,
 ) -> int:
-    """A pending ``sleep`` apply with one apply task per entry of ``seconds``."""
+    """A queued ``sleep`` apply with one apply task per entry of ``seconds``, on a line (database)
+    of its own unless ``database`` names one to share."""
     tasks = [
         NewTask(
             f"t{i}",
@@ -116,7 +119,7 @@ def sleep_apply(
         for i, s in enumerate(seconds)
     ]
     new = NewApply(
-        database_name="shop",
+        database_name=database or new_database(),
         environment="staging",
         engine="sleep",
         tasks=tasks,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from sqlalchemy import select, text, update
@@ -13,7 +14,15 @@ from storage.engine import Database
 from storage.tables import metadata
 
 # Children first, so that foreign keys never block a wipe.
-TABLES = ["control_requests", "checks", "apply_comments", "apply_logs", "apply_tasks", "applies"]
+TABLES = [
+    "control_requests",
+    "checks",
+    "apply_comments",
+    "apply_logs",
+    "apply_tasks",
+    "applies",
+    "apply_lines",
+]
 
 
 def wipe(db: Database) -> None:
@@ -22,11 +31,22 @@ def wipe(db: Database) -> None:
             conn.execute(metadata.tables[name].delete())
 
 
-def new_apply(db: Database, *, tasks: int = 2, request_id: str | None = None) -> int:
+def new_database() -> str:
+    """A database name no other apply of this test run uses: each helper-made apply has a line
+    (database, environment) of its own unless a test names one to share."""
+    return f"shop{next(_DATABASES)}"
+
+
+_DATABASES = itertools.count(1)
+
+
+def new_apply(
+    db: Database, *, tasks: int = 2, request_id: str | None = None, database: str | None = None
+) -> int:
     created = applies_repo.create(
         db,
         applies_repo.NewApply(
-            database_name="shop",
+            database_name=database or new_database(),
             environment="staging",
             engine="sleep",
             request_id=request_id,
@@ -55,6 +75,13 @@ def age_heartbeat(db: Database, apply_id: int, seconds: float) -> None:
         value = text(f"NOW(6) - INTERVAL {int(seconds * 1_000_000)} MICROSECOND")
     with db.transaction() as conn:
         conn.execute(update(applies).where(applies.c.id == apply_id).values(heartbeat_at=value))
+
+
+def set_state(db: Database, apply_id: int, state: str) -> None:
+    """Write an apply's state directly, as an older leasehold (or a corrupt row) would leave it."""
+    applies = metadata.tables["applies"]
+    with db.transaction() as conn:
+        conn.execute(update(applies).where(applies.c.id == apply_id).values(state=state))
 
 
 def snapshot(db: Database) -> dict[str, list[tuple[Any, ...]]]:

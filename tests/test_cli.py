@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import text
 
 from leases import hand_back
-from storage import open_database
+from storage import applies, open_database
 from storage.engine import Database
 from storage.migrate import head_revision
 from tests import support
@@ -63,7 +63,9 @@ def test_status_prints_the_lease_table_without_tokens(
 ) -> None:
     first = support.running_lease(db, owner="worker-cli")
     second = hand_back(db, support.running_lease(db), reason="tests")
-    pending = support.new_apply(db)
+    line = applies.get(db, first.apply_id)["database_name"]
+    queued = support.new_apply(db, database=line)  # behind the first, on its database
+    support.insert_control_request(db, first.apply_id, action="stop")
     tokens = [first.token, second.token]
 
     table = leasehold("status", url=backend_url, cwd=tmp_path)
@@ -71,21 +73,30 @@ def test_status_prints_the_lease_table_without_tokens(
     lines = table.stdout.splitlines()
     assert lines[0].split()[:3] == ["id", "state", "epoch"]
     rows = {int(line.split()[0]): line for line in lines[1:]}
-    assert set(rows) == {first.apply_id, second.apply_id, pending}
+    assert set(rows) == {first.apply_id, second.apply_id, queued}
     assert rows[first.apply_id].split()[1:3] == ["running", str(first.epoch)]
     assert "worker-cli" in rows[first.apply_id]
     assert first.token[:6] in rows[first.apply_id]
     assert rows[second.apply_id].split()[1:3] == ["dispatched", str(second.epoch)]
-    assert rows[pending].split()[1:3] == ["pending", "0"]
+    assert rows[queued].split()[1:3] == ["queued", "0"]
+    assert rows[queued].endswith(f"{line}/staging (#2 in line)")
+    assert rows[first.apply_id].endswith(f"{line}/staging")
 
     one = leasehold("status", str(first.apply_id), url=backend_url, cwd=tmp_path)
     assert one.returncode == 0, one.stderr
     assert f"lease epoch {first.epoch}" in one.stdout
+    assert "pending request " in one.stdout
+    assert ": stop by tests, asked " in one.stdout
+    waiting = leasehold("status", str(queued), url=backend_url, cwd=tmp_path)
+    assert waiting.returncode == 0, waiting.stderr
+    assert f"#2 in line on {line}/staging, behind apply {first.apply_id} (running)" in (
+        waiting.stdout
+    )
     logs = leasehold("logs", str(first.apply_id), url=backend_url, cwd=tmp_path)
     assert logs.returncode == 0, logs.stderr
     assert "redeemed" in logs.stdout
 
-    for result in (table, one, logs):
+    for result in (table, one, waiting, logs):
         for token in tokens:
             assert token not in result.stdout
             assert token not in result.stderr

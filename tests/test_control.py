@@ -34,7 +34,10 @@ def _fresh_sent() -> None:
 def _stage(db: Database, state: str) -> tuple[int, Lease | None]:
     """An apply of three tasks in ``state``, with the lease outstanding for it (if any)."""
     apply_id = sleep_apply(db, (0.01, 0.01, 0.01))
-    if state == "pending":
+    if state == "queued":
+        return apply_id, None
+    if state == "pending":  # left by a leasehold older than lines
+        support.set_state(db, apply_id, state)
         return apply_id, None
     lease = dispatch(db, apply_id)
     if state == "dispatched":
@@ -56,7 +59,7 @@ def _requests(db: Database, apply_id: int) -> list[tuple[Any, ...]]:
     return [r for r in support.snapshot(db)["control_requests"] if r[1] == apply_id]
 
 
-@pytest.mark.parametrize("state", ["pending", "dispatched"])
+@pytest.mark.parametrize("state", ["queued", "pending", "dispatched"])
 def test_stop_without_an_owner_stops_and_rotates(db: Database, state: str) -> None:
     apply_id, outstanding = _stage(db, state)
     _, epoch, token, _ = support.lease_of(db, apply_id)
@@ -107,7 +110,7 @@ def test_stop_of_a_stopped_apply_is_a_completed_no_op(db: Database) -> None:
         ("completed", "cancel", "apply is completed: nothing to cancel"),
         ("cancelled", "cancel", "apply is cancelled: nothing to cancel"),
         ("completed", "resume", "apply is completed, not stopped: nothing to resume"),
-        ("pending", "resume", "apply is pending, not stopped: nothing to resume"),
+        ("queued", "resume", "apply is queued, not stopped: nothing to resume"),
         ("dispatched", "resume", "apply is dispatched, not stopped: nothing to resume"),
         ("running", "resume", "apply is running, not stopped: nothing to resume"),
     ],
@@ -135,7 +138,7 @@ def test_a_request_that_cannot_apply_fails_with_a_clear_error(
     assert _control(db, apply_id, action)["request_id"] != result["request_id"]
 
 
-@pytest.mark.parametrize("state", ["pending", "dispatched", "stopped"])
+@pytest.mark.parametrize("state", ["queued", "pending", "dispatched", "stopped"])
 def test_cancel_without_an_owner_cancels_the_apply_and_its_tasks(db: Database, state: str) -> None:
     apply_id, outstanding = _stage(db, state)
     _, epoch, _, _ = support.lease_of(db, apply_id)

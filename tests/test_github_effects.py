@@ -110,7 +110,7 @@ def pr_apply(db: Database, seconds: tuple[float, ...], *, fail_at: int | None = 
         for i, s in enumerate(seconds)
     ]
     new = NewApply(
-        database_name="shop",
+        database_name=support.new_database(),
         environment="staging",
         engine="sleep",
         tasks=tasks,

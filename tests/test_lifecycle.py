@@ -37,9 +37,9 @@ from tests import support
 # --- dispatch ------------------------------------------------------------------------------------
 
 
-def test_dispatch_from_pending(db: Database) -> None:
+def test_dispatch_from_queued(db: Database) -> None:
     apply_id = support.new_apply(db)
-    assert support.lease_of(db, apply_id) == ("pending", 0, None, None)
+    assert support.lease_of(db, apply_id) == ("queued", 0, None, None)
     lease = dispatch(db, apply_id)
     row = applies_repo.get(db, apply_id)
     assert (lease.apply_id, lease.epoch) == (apply_id, 1)
@@ -345,7 +345,7 @@ def test_killed_connection_is_not_a_lost_lease(mysql_server: str) -> None:
 
 def _new(request_id: str | None = None, tasks: int = 3) -> applies_repo.NewApply:
     return applies_repo.NewApply(
-        database_name="shop",
+        database_name=support.new_database(),
         environment="production",
         engine="sleep",
         repository="acme/shop",
@@ -364,7 +364,7 @@ def test_create_inserts_the_apply_and_its_tasks(db: Database) -> None:
     assert created.created
     row = applies_repo.get(db, created.apply_id)
     assert (row["state"], row["lease_epoch"], row["lease_token"], row["reclaim_count"]) == (
-        "pending",
+        "queued",
         0,
         None,
         0,
@@ -389,7 +389,11 @@ def test_create_is_one_transaction(db: Database) -> None:
     before = support.snapshot(db)
     with pytest.raises(StorageError):
         applies_repo.create(db, bad)
-    assert support.snapshot(db) == before
+    after = support.snapshot(db)
+    # The line's row is made before (in a transaction of its own) and kept: lines are durable.
+    assert [row[:2] for row in after.pop("apply_lines")] == [("shop", "staging")]
+    before.pop("apply_lines")
+    assert after == before
 
 
 def test_repeated_request_id_returns_the_same_apply(db: Database) -> None:

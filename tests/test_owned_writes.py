@@ -26,7 +26,7 @@ from leases import (
     release,
 )
 from storage import applies as applies_repo
-from storage import fenced, open_database
+from storage import control, fenced, open_database
 from storage.engine import Database
 from storage.errors import FenceClosed, LeaseholdError, RowNotFound
 from storage.fenced import Fenced
@@ -444,7 +444,7 @@ def test_fenced_cannot_be_constructed_directly(db: Database) -> None:
             if p.kind is p.POSITIONAL_OR_KEYWORD
         ]
         with pytest.raises(FenceClosed):
-            Fenced(*positional, _proof=object())
+            Fenced(*positional, line=None, _proof=object())
         with pytest.raises(TypeError):
             Fenced(conn, lease.apply_id, lease.epoch)  # type: ignore[call-arg]
     assert support.snapshot(db) == before
@@ -544,19 +544,59 @@ def test_no_write_after_end_lease_in_the_same_block(db: Database) -> None:
     in_fence(db, lease, lambda fx: fenced.append_log(fx, "still", "held"))
 
 
-def test_end_lease_to_a_terminal_state(db: Database) -> None:
+def test_finish_ends_the_apply_and_fails_the_requests_still_pending(db: Database) -> None:
     lease = support.running_lease(db)
-    with fence(db, lease) as fx:
+    stop = support.insert_control_request(db, lease.apply_id, action="stop")
+    with fence(db, lease, finishing=True) as fx:
         fenced.cancel_unfinished_tasks(fx)
-        epoch = fenced.end_lease(
+        finished = fenced.finish(
             fx,
             new_token=mint_token(),
+            successor_token=mint_token(),
             to_state=ApplyState.FAILED,
             event="failed",
             reason="engine failed",
             error="engine failed",
         )
+    epoch = finished.epoch
     row = applies_repo.get(db, lease.apply_id)
     assert (row["state"], row["lease_epoch"], row["error"]) == ("failed", epoch, "engine failed")
     assert row["finished_at"] is not None
     assert support.log_events(db, lease.apply_id)[-1][0] == epoch
+    assert finished.successor is None  # alone in its line
+    request = control.get(db, stop)
+    assert (request.state, request.error) == (
+        ControlState.FAILED,
+        "apply failed before the stop took effect",
+    )
+
+
+@pytest.mark.parametrize("state", [ApplyState.COMPLETED, ApplyState.CANCELLED])
+def test_end_lease_refuses_a_terminal_state_and_finish_needs_the_line(
+    db: Database, state: ApplyState
+) -> None:
+    """Ending an apply passes its line's turn on, so it must go through finish() with a fence
+    that holds the line: the other ways fail as programming errors, writing nothing."""
+    lease = support.running_lease(db)
+    before = support.snapshot(db)
+    with pytest.raises(FenceClosed, match="finish"), fence(db, lease) as fx:
+        fenced.end_lease(fx, new_token=mint_token(), to_state=state, event="x", reason="t")
+    with pytest.raises(FenceClosed, match="finishing=True"), fence(db, lease) as fx:
+        fenced.finish(
+            fx,
+            new_token=mint_token(),
+            successor_token=mint_token(),
+            to_state=state,
+            event="x",
+            reason="t",
+        )
+    with pytest.raises(FenceClosed, match="end_lease"), fence(db, lease, finishing=True) as fx:
+        fenced.finish(
+            fx,
+            new_token=mint_token(),
+            successor_token=mint_token(),
+            to_state=ApplyState.STOPPED,
+            event="x",
+            reason="t",
+        )
+    assert support.snapshot(db) == before

@@ -278,12 +278,19 @@ def test_a_repeated_request_id_returns_the_same_apply_dispatched_once(db: Databa
     assert support.snapshot(db) == snapshot
 
 
-def test_a_repeat_dispatches_an_apply_its_first_submission_left_pending(db: Database) -> None:
-    """The first submission died between insert and dispatch: the repeat dispatches it."""
+def test_an_apply_an_older_leasehold_left_pending_is_dispatched_by_reclaim(db: Database) -> None:
+    """Insert and dispatch are one transaction now; an apply that an older leasehold inserted but
+    never dispatched (``pending``, its submitter died in between) heads its line waiting: a
+    repeat of its submission returns it and sends nothing, and the next reclaim pass's sweep of
+    waiting lines dispatches it."""
     apply_id = support.new_apply(db, request_id="deploy-9")
+    support.set_state(db, apply_id, ApplyState.PENDING)
     sent = SentLeases()
     assert service.submit(db, _settings(db), good(request_id="deploy-9"), sent) == apply_id
+    assert sent.leases == []
+    assert service.reclaim_stale(db, _settings(db), sent) == 0  # rotated nothing stale
     assert [lease.apply_id for lease in sent.leases] == [apply_id]
     assert applies.get(db, apply_id)["state"] == ApplyState.DISPATCHED
-    assert service.submit(db, _settings(db), good(request_id="deploy-9"), sent) == apply_id
+    assert support.log_events(db, apply_id) == [(1, "dispatched")]
+    assert service.reclaim_stale(db, _settings(db), sent) == 0
     assert len(sent.leases) == 1

@@ -44,7 +44,7 @@ class BrokenEngine(Engine):
 def test_unexpected_engine_errors_fail_the_apply_with_the_reason(
     db: Database, engine: Engine, expected: str
 ) -> None:
-    apply_id = sleep_apply(db, (0.01, 0.01))
+    apply_id = sleep_apply(db, (0.01, 0.01), database="shop")
     lease = run_lease(db, apply_id)
     outcome = ApplyRunner(db, lease, engine, Interrupts(), RecordingReporter()).run()
 

@@ -33,11 +33,13 @@ from celery import Celery
 from celery.events.state import State
 from sqlalchemy import RowMapping, select
 
+from leases import Lease, mint_token
 from storage import applies
 from storage.engine import Database
 from storage.errors import StorageError
 from storage.tables import metadata
 from tasks.processes import CeleryProcess, beat, worker
+from tests.support import new_database
 
 T = TypeVar("T")
 
@@ -188,7 +190,7 @@ class Cluster:
         return folder / f"{name}.log"
 
     def workers(
-        self, count: int, *, concurrency: int = 2, env: Mapping[str, str] | None = None
+        self, count: int, *, apply_slots: int = 2, env: Mapping[str, str] | None = None
     ) -> list[CeleryProcess]:
         """Start ``count`` workers for this test (in parallel) and wait until they are ready;
         ``env`` overrides some of the stack's settings for them."""
@@ -202,7 +204,7 @@ class Cluster:
                         env={**self.stack.env, **(env or {})},
                         cwd=self.stack.folder,
                         logfile=self._logfile(name),
-                        concurrency=concurrency,
+                        apply_slots=apply_slots,
                     )
                 )
             )
@@ -330,9 +332,12 @@ def wait_for(
 # --- applies -------------------------------------------------------------------------------------
 
 
-def sleep_payload(*seconds: float, request_id: str | None = None) -> dict[str, Any]:
+def sleep_payload(
+    *seconds: float, request_id: str | None = None, database: str | None = None
+) -> dict[str, Any]:
+    """A sleep apply's payload, on a line (database) of its own unless ``database`` is given."""
     payload: dict[str, Any] = {
-        "database": "shop",
+        "database": database or new_database(),
         "environment": "e2e",
         "engine": "sleep",
         "tasks": [
@@ -349,23 +354,32 @@ def sleep_payload(*seconds: float, request_id: str | None = None) -> dict[str, A
     return payload
 
 
-def new_apply(db: Database, *seconds: float) -> int:
-    """Insert a pending sleep apply directly (no message), as the submit flow would."""
-    created = applies.create(
-        db,
-        applies.NewApply(
-            database_name="shop",
-            environment="e2e",
-            engine="sleep",
-            tasks=[
-                applies.NewTask(
-                    f"t{i + 1}", f"ALTER TABLE t{i + 1} ADD COLUMN c INT", {"seconds": s}
-                )
-                for i, s in enumerate(seconds)
-            ],
-        ),
+def new_apply(db: Database, *seconds: float, database: str | None = None) -> int:
+    """Insert a queued sleep apply directly (no message, not dispatched), on a line of its own
+    unless ``database`` is given. A running beat's sweep dispatches it (and sends the message)
+    if it heads its line: use :func:`dispatched_apply` to hold its lease instead."""
+    return applies.create(db, _sleep_apply(seconds, database)).apply_id
+
+
+def dispatched_apply(db: Database, *seconds: float) -> Lease:
+    """Insert a sleep apply on a line of its own and dispatch it in the same transaction, as
+    submit does, but send no message: its lease is the test's (nobody else can take it)."""
+    token = mint_token()
+    created = applies.create(db, _sleep_apply(seconds, None), turn_token=token)
+    assert created.promoted is not None
+    return Lease(created.apply_id, created.promoted.epoch, token)
+
+
+def _sleep_apply(seconds: tuple[float, ...], database: str | None) -> applies.NewApply:
+    return applies.NewApply(
+        database_name=database or new_database(),
+        environment="e2e",
+        engine="sleep",
+        tasks=[
+            applies.NewTask(f"t{i + 1}", f"ALTER TABLE t{i + 1} ADD COLUMN c INT", {"seconds": s})
+            for i, s in enumerate(seconds)
+        ],
     )
-    return created.apply_id
 
 
 def submit_cli(stack: Stack, payload: Mapping[str, Any]) -> int:

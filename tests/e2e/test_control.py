@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from leases import dispatch
 from storage import applies
 from tests.e2e.helpers import (
     RESULT_TIMEOUT,
@@ -23,9 +22,9 @@ from tests.e2e.helpers import (
     assert_epochs_non_decreasing,
     control_requests,
     describe,
+    dispatched_apply,
     events,
     logs,
-    new_apply,
     row,
     sleep_payload,
     submit_task,
@@ -147,9 +146,8 @@ def test_stop_and_cancel_while_not_owned(cluster: Cluster) -> None:
     stopped) are carried out at once by a CAS on the state; the late message is refused."""
     stack, db = cluster.stack, cluster.stack.db
     cluster.shared_workers(2)
-    first, second = new_apply(db, 0.3, 0.3), new_apply(db, 0.3)
-    lost = dispatch(db, first)
-    dispatch(db, second)
+    lost, second_lease = dispatched_apply(db, 0.3, 0.3), dispatched_apply(db, 0.3)
+    first, second = lost.apply_id, second_lease.apply_id
 
     stopped = _control_task(stack, first, "stop")
     assert (stopped["request_state"], stopped["apply_state"]) == ("completed", "stopped")

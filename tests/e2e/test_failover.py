@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from leases import Lease, LeaseLost, dispatch, fence, heartbeat, redeem
+from leases import Lease, LeaseLost, fence, heartbeat, redeem
 from storage import applies, fenced
 from tests.e2e.helpers import (
     DISPATCH_TIMEOUT,
@@ -23,11 +23,11 @@ from tests.e2e.helpers import (
     EventRecorder,
     assert_completed_once,
     describe,
+    dispatched_apply,
     events,
     freeze,
     kill_group,
     logs,
-    new_apply,
     owner_task_id,
     owner_worker,
     reclaimed_from,
@@ -174,8 +174,8 @@ def test_lost_dispatch_is_reclaimed_after_the_dispatch_timeout(
     stack, db = cluster.stack, cluster.stack.db
     cluster.workers(1)
     cluster.beats(1)
-    apply_id = new_apply(db, 0.3, 0.3)
-    lost = dispatch(db, apply_id)  # the run_apply message is never sent
+    lost = dispatched_apply(db, 0.3, 0.3)  # the run_apply message is never sent
+    apply_id = lost.apply_id
 
     wait_state(db, apply_id, "completed", timeout=DISPATCH_TIMEOUT + RESULT_TIMEOUT)
     assert events(db, apply_id) == [
@@ -219,14 +219,15 @@ def test_two_beats_rotate_each_stale_apply_once(cluster: Cluster) -> None:
     are in flight together when the applies turn stale: they race for the same rows (MariaDB:
     ``FOR UPDATE SKIP LOCKED``; SQLite: the write lock)."""
     db = cluster.stack.db
-    procs = cluster.workers(2, concurrency=4)
+    procs = cluster.workers(2, apply_slots=4)
     beats = cluster.beats(2)
-    ids = [new_apply(db, 0.2) for _ in range(8)]
+    ids = []
     ghost_epochs = {}
-    for apply_id in ids:
-        lease = dispatch(db, apply_id)
-        redeem(db, lease, f"ghost/{apply_id}/killed-worker")  # a holder that died at once
-        ghost_epochs[apply_id] = lease.epoch
+    for _ in range(8):
+        lease = dispatched_apply(db, 0.2)
+        redeem(db, lease, f"ghost/{lease.apply_id}/killed-worker")  # a holder that died at once
+        ids.append(lease.apply_id)
+        ghost_epochs[lease.apply_id] = lease.epoch
 
     with stale_behind_a_table_lock(cluster.stack, ids, STALE_AFTER + 1):
         sent = [p.log().count(_SENT) for p in beats]

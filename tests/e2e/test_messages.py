@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from leases import Lease, dispatch, mint_token
+from leases import Lease, mint_token
 from storage import applies
 from tests import support
 from tests.e2e.helpers import (
@@ -19,9 +19,9 @@ from tests.e2e.helpers import (
     Cluster,
     EventRecorder,
     assert_completed_once,
+    dispatched_apply,
     events,
     logs,
-    new_apply,
     owner_task_id,
     row,
     sleep_payload,
@@ -101,8 +101,8 @@ def test_duplicated_run_apply_message_runs_once(cluster: Cluster) -> None:
     other ends quietly with outcome 'not_redeemed' and writes nothing."""
     stack, db = cluster.stack, cluster.stack.db
     cluster.shared_workers(2)
-    apply_id = new_apply(db, 0.5, 0.5)
-    lease = dispatch(db, apply_id)  # a real lease, not yet sent to anyone
+    lease = dispatched_apply(db, 0.5, 0.5)  # a real lease, not yet sent to anyone
+    apply_id = lease.apply_id
     kwargs = {"apply_id": apply_id, "lease": lease.to_json()}
     sent = [stack.client.send_task(RUN_APPLY, kwargs=kwargs) for _ in range(2)]
     results = [r.get(timeout=RESULT_TIMEOUT) for r in sent]
@@ -173,9 +173,9 @@ def test_bad_messages_fail_clearly_and_write_nothing(cluster: Cluster) -> None:
     with a clear error in its result, and no leasehold table changes."""
     stack, db = cluster.stack, cluster.stack.db
     cluster.shared_workers(2)
-    apply_id, other_id = new_apply(db, 0.1), new_apply(db, 0.1)
-    current = dispatch(db, apply_id)  # dispatched, never sent: nobody redeems it
-    other = dispatch(db, other_id)
+    current = dispatched_apply(db, 0.1)  # dispatched, never sent: nobody redeems it
+    other = dispatched_apply(db, 0.1)
+    apply_id = current.apply_id
     before = support.snapshot(db)
 
     cases = _bad_messages(apply_id, other, current)

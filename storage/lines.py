@@ -1,0 +1,113 @@
+"""Lines: at most one apply per (database, environment) is dispatched or running at a time.
+
+Every unfinished apply is in its line, in id (submission) order; the first one is the line's
+*head*. Only the head may be dispatched or run. A head that is ``stopped`` keeps its place, and so
+holds back the applies behind it until it is resumed or cancelled; a waiting apply (``queued``)
+that becomes the head is dispatched in the transaction that made it the head: the submit that
+found its line empty, or the end of the apply before it (``promote``).
+
+Each line has a row in ``apply_lines``, locked by every transaction that can change who holds the
+line's turn. Lock order: the line row, then applies rows of that line. Transactions that lock an
+applies row without the line (heartbeats, fences for ordinary owned writes, redemption, reclaim
+batches) never wait for a line, so the two kinds cannot deadlock.
+
+Connection-level operations for composing into one transaction, like ``storage.leasing``; tokens
+are the caller's (``leases`` mints them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Row
+
+from storage import leasing, statements
+from storage.engine import Database
+from storage.errors import ApplyNotFound
+from storage.leasing import LeaseRow
+from storage.states import WAITING_STATES, ApplyState
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Line:
+    database_name: str
+    environment: str
+
+    def __str__(self) -> str:
+        return f"{self.database_name}/{self.environment}"
+
+
+@dataclass(frozen=True, slots=True)
+class Promoted:
+    """A waiting head that was just dispatched: send it a lease of this epoch once committed."""
+
+    apply_id: int
+    epoch: int
+
+
+def ensure(db: Database, line: Line) -> None:
+    """Create the line's row if it is missing, in a transaction of its own (so that racing
+    first submits of a new line never deadlock on inserting it)."""
+    with db.transaction() as conn:
+        conn.execute(statements.ensure_line(line.database_name, line.environment))
+
+
+def lock(conn: Connection, line: Line) -> None:
+    """Lock ``line`` until the transaction ends. Take it before any applies row of the line."""
+    found = conn.execute(statements.lock_line(line.database_name, line.environment)).first()
+    if found is None:
+        # Only for applies inserted by a leasehold older than lines (during a rolling upgrade):
+        # the insert's own row lock is the line lock.
+        conn.execute(statements.insert_line(line.database_name, line.environment))
+
+
+def of(conn: Connection, apply_id: int) -> Line:
+    """The line of an apply (its database and environment never change)."""
+    row = conn.execute(statements.line_of(apply_id)).one_or_none()
+    if row is None:
+        raise ApplyNotFound(apply_id)
+    return Line(row.database_name, row.environment)
+
+
+def members(conn: Connection, line: Line, *, before: int | None = None) -> list[LeaseRow]:
+    """The unfinished applies of ``line`` in order, head first (``before``: those ahead of it)."""
+    rows = conn.execute(
+        statements.line_members(line.database_name, line.environment, before=before)
+    )
+    return [_lease_row(r) for r in rows]
+
+
+def head(conn: Connection, line: Line) -> LeaseRow | None:
+    rows = conn.execute(statements.line_members(line.database_name, line.environment, limit=1))
+    first = rows.first()
+    return None if first is None else _lease_row(first)
+
+
+def promote(conn: Connection, line: Line, token: str) -> Promoted | None:
+    """Dispatch the line's head with ``token`` if it is waiting. The caller holds the line lock,
+    so nothing else can change the head meanwhile."""
+    first = head(conn, line)
+    if first is None or first.state not in WAITING_STATES:
+        return None
+    locked = leasing.lock(conn, first.apply_id)
+    epoch = leasing.rotate(
+        conn,
+        locked,
+        new_token=token,
+        to_state=ApplyState.DISPATCHED,
+        event="dispatched",
+        reason=f"dispatched to a worker: its turn on {line}",
+    )
+    return Promoted(first.apply_id, epoch)
+
+
+def waiting(conn: Connection) -> list[Line]:
+    """Lines that hold a waiting apply (whose head may be waiting too)."""
+    return sorted(
+        Line(r.database_name, r.environment) for r in conn.execute(statements.waiting_lines())
+    )
+
+
+def _lease_row(row: Row[Any]) -> LeaseRow:
+    return LeaseRow(row.id, row.state, row.lease_epoch, row.lease_token, row.lease_owner)
