@@ -11,10 +11,10 @@ from typing import Any
 
 from sqlalchemy import Connection, RowMapping
 
-from storage import lines, statements
+from storage import leasing, lines, statements
 from storage.engine import Database
 from storage.errors import ApplyNotFound, StorageIntegrityError
-from storage.lines import Line, Promoted
+from storage.lines import Line, Place, Promoted
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +67,7 @@ def create(db: Database, new: NewApply, *, turn_token: str | None = None) -> Cre
             apply_id = _insert(conn, new)
             if turn_token is not None:
                 promoted = lines.promote(conn, new.line, turn_token)
+            _log_if_behind(conn, new.line, apply_id)
     except StorageIntegrityError:
         if new.request_id is None:
             raise
@@ -112,6 +113,20 @@ def _insert(conn: Connection, new: NewApply) -> int:
     return int(apply_id)
 
 
+def _log_if_behind(conn: Connection, line: Line, apply_id: int) -> None:
+    where = lines.place(conn, line, apply_id)
+    if where is not None and where.position > 1:
+        leasing.append_log(
+            conn,
+            apply_id,
+            epoch=0,
+            level="info",
+            event="queued",
+            message=f"queued on {line}: #{where.position} in line, behind apply "
+            f"{where.head.apply_id} ({where.head.state})",
+        )
+
+
 def _by_request_id(db: Database, request_id: str) -> int | None:
     with db.transaction() as conn:
         found = conn.execute(statements.apply_by_request_id(request_id)).scalar_one_or_none()
@@ -150,21 +165,8 @@ def pending_requests(db: Database, apply_id: int) -> list[RowMapping]:
         return list(conn.execute(statements.pending_control_requests(apply_id)).mappings())
 
 
-@dataclass(frozen=True, slots=True)
-class Place:
-    """Where a waiting apply stands in its line."""
-
-    line: Line
-    position: int  # the head of the line is #1
-    head_id: int
-    head_state: str
-
-
 def place(db: Database, apply_id: int) -> Place | None:
-    """A waiting apply's place in its line; None for an apply at the head or finished."""
+    """A waiting apply's place in its line; None for the head, or a finished apply."""
     with db.transaction() as conn:
-        line = lines.of(conn, apply_id)
-        ahead = lines.members(conn, line, before=apply_id)
-    if not ahead:
-        return None
-    return Place(line, len(ahead) + 1, ahead[0].apply_id, str(ahead[0].state))
+        where = lines.place(conn, lines.of(conn, apply_id), apply_id)
+    return None if where is None or where.position == 1 else where

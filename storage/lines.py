@@ -70,16 +70,28 @@ def of(conn: Connection, apply_id: int) -> Line:
     return Line(row.database_name, row.environment)
 
 
-def members(conn: Connection, line: Line, *, before: int | None = None) -> list[LeaseRow]:
-    """The unfinished applies of ``line`` in order, head first (``before``: those ahead of it)."""
-    rows = conn.execute(
-        statements.line_members(line.database_name, line.environment, before=before)
-    )
-    return [_lease_row(r) for r in rows]
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Where an unfinished apply stands in its line."""
+
+    line: Line
+    position: int  # the head is #1
+    head: LeaseRow  # the line's head (the apply itself when position is 1)
+
+
+def place(conn: Connection, line: Line, apply_id: int) -> Place | None:
+    """Where an unfinished apply of ``line`` stands (None: the line is empty)."""
+    ahead = conn.execute(
+        statements.count_ahead(line.database_name, line.environment, apply_id)
+    ).scalar_one()
+    first = head(conn, line)
+    if first is None:
+        return None
+    return Place(line, int(ahead) + 1, first)
 
 
 def head(conn: Connection, line: Line) -> LeaseRow | None:
-    rows = conn.execute(statements.line_members(line.database_name, line.environment, limit=1))
+    rows = conn.execute(statements.line_head(line.database_name, line.environment))
     first = rows.first()
     return None if first is None else _lease_row(first)
 

@@ -524,25 +524,34 @@ def line_of(apply_id: int) -> Select[Any]:
     return select(applies.c.database_name, applies.c.environment).where(applies.c.id == apply_id)
 
 
-def line_members(
-    database_name: str, environment: str, *, before: int | None = None, limit: int | None = None
-) -> Select[Any]:
-    """A line's unfinished applies in id order (its head first); ``before``: only those ahead of
-    that apply."""
-    query = select(
-        applies.c.id,
-        applies.c.state,
-        applies.c.lease_epoch,
-        applies.c.lease_token,
-        applies.c.lease_owner,
-    ).where(
+def line_head(database_name: str, environment: str) -> Select[Any]:
+    """The first unfinished apply of a line in id (submission) order."""
+    return (
+        select(
+            applies.c.id,
+            applies.c.state,
+            applies.c.lease_epoch,
+            applies.c.lease_token,
+            applies.c.lease_owner,
+        )
+        .where(
+            applies.c.database_name == database_name,
+            applies.c.environment == environment,
+            applies.c.state.in_(_IN_LINE),
+        )
+        .order_by(applies.c.id)
+        .limit(1)
+    )
+
+
+def count_ahead(database_name: str, environment: str, apply_id: int) -> Select[Any]:
+    """How many unfinished applies of the line come before ``apply_id``."""
+    return select(func.count()).where(
         applies.c.database_name == database_name,
         applies.c.environment == environment,
         applies.c.state.in_(_IN_LINE),
+        applies.c.id < apply_id,
     )
-    if before is not None:
-        query = query.where(applies.c.id < before)
-    return query.order_by(applies.c.id).limit(limit)
 
 
 def waiting_lines() -> Select[Any]:

@@ -127,8 +127,8 @@ def _status_one(db: Database, apply_id: int) -> int:
     place = applies.place(db, apply_id) if not ApplyState(row["state"]).terminal else None
     if place is not None:
         print(
-            f"  #{place.position} in line on {place.line}, behind apply {place.head_id} "
-            f"({place.head_state}): it starts when the applies ahead of it end"
+            f"  #{place.position} in line on {place.line}, behind apply {place.head.apply_id} "
+            f"({place.head.state}): it starts when the applies ahead of it end"
         )
     print(f"  lease epoch {row['lease_epoch']}, token {_token(row['lease_token'])}…, ", end="")
     print(f"owner {row['lease_owner'] or '-'}, heartbeat {_age(row['heartbeat_age'])}")

@@ -41,7 +41,7 @@ def database() -> Database:
         if _db is None:
             _db = open_database(
                 current.database_url,
-                pool_size=10,
+                pool_size=max(10, current.database_connections),
                 idle_transaction_timeout=current.stale_after,
             )
         return _db

@@ -19,6 +19,10 @@ class Settings:
     effect_timeout: float = 10.0
     effect_grace: float = 12.0
     comment_interval: float = 10.0
+    apply_slots: int = 4
+    control_concurrency: int = 4
+    queue: str = "leasehold"
+    apply_queue: str = "leasehold.applies"
     github_api_url: str = "https://api.github.com"
     targets: dict[str, str] = field(default_factory=dict, repr=False)
     github_token: str | None = field(default=None, repr=False)
@@ -38,6 +42,10 @@ class Settings:
             effect_timeout=float(conf.leasehold_effect_timeout),
             effect_grace=float(conf.leasehold_effect_grace),
             comment_interval=float(conf.leasehold_comment_interval),
+            apply_slots=int(conf.leasehold_worker_concurrency),
+            control_concurrency=int(conf.leasehold_control_concurrency),
+            queue=str(conf.leasehold_queue),
+            apply_queue=str(conf.leasehold_apply_queue),
             github_api_url=str(conf.leasehold_github_api_url),
             targets=dict(conf.leasehold_targets),
             github_token=conf.leasehold_github_token,
@@ -45,6 +53,12 @@ class Settings:
             github_app_private_key=conf.leasehold_github_app_private_key,
             github_app_installation_id=conf.leasehold_github_app_installation_id,
         )
+
+    @property
+    def database_connections(self) -> int:
+        """Connections a worker may use at once: a running apply's runner and heartbeat thread
+        each, one per control thread, and one to spare (beat, the CLI)."""
+        return 2 * self.apply_slots + self.control_concurrency + 1
 
     @property
     def reclaim_policy(self) -> ReclaimPolicy:

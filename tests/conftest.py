@@ -17,7 +17,7 @@ from sqlalchemy.engine import make_url
 from storage import open_database
 from storage.engine import Database
 from storage.migrate import upgrade
-from tests import support
+from tests import races, support
 
 CI = bool(os.environ.get("CI"))
 MYSQL_SERVER_URL = os.environ.get(
@@ -104,3 +104,10 @@ def db(open_db: Callable[..., Database]) -> Database:
     database = open_db()
     support.wipe(database)
     return database
+
+
+@pytest.fixture
+def spawn() -> Iterator[races.Spawn]:
+    """Threads whose outcome a test inspects (``tests/races.py``); at teardown every one is
+    joined with a timeout, so none outlives its test."""
+    yield from races.spawner()

@@ -1,0 +1,246 @@
+"""Machinery of the race tests: threads whose outcome a test inspects, and proof that one
+connection waits for another's open transaction (see ``tests/test_races.py`` for the method).
+
+- MySQL/MariaDB: ``SHOW ENGINE INNODB STATUS`` shows the acting connection's transaction in
+  ``LOCK WAIT`` for a lock on a given table of the test database while the holder's is open.
+- SQLite: the acting thread is inside the driver call executing ``BEGIN IMMEDIATE`` (its
+  innermost Python frame), so it is in SQLite's busy handler behind the holder's write lock.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import pytest
+from sqlalchemy import Connection, event, text
+
+from storage.engine import Database
+
+T = TypeVar("T")
+
+POLL = 10.0  # how long a poll waits for an expected lock wait before failing the test
+JOIN = 20.0  # how long a thread may take to finish once nothing should block it
+SETTLE = 0.2  # the negative check: a blocked thread must not finish within this
+
+
+# --- threads whose outcome the test inspects ------------------------------------------------------
+
+
+class Worker(Generic[T]):
+    """``fn`` on its own thread; its return value or exception is kept for the test."""
+
+    def __init__(self, name: str, fn: Callable[[], T]) -> None:
+        self.name = name
+        self._fn = fn
+        self._value: list[T] = []
+        self._error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self._value.append(self._fn())
+        except BaseException as exc:
+            self._error = exc
+
+    def start(self) -> Worker[T]:
+        self.thread.start()
+        return self
+
+    def finished_within(self, seconds: float) -> bool:
+        self.thread.join(seconds)
+        return not self.thread.is_alive()
+
+    def outcome(self, timeout: float = JOIN) -> T | BaseException:
+        if not self.finished_within(timeout):
+            pytest.fail(f"{self.name} still running after {timeout:g}s", pytrace=False)
+        if self._error is not None:
+            return self._error
+        return self._value[0]
+
+    def result(self, timeout: float = JOIN) -> T:
+        if not self.finished_within(timeout):
+            pytest.fail(f"{self.name} still running after {timeout:g}s", pytrace=False)
+        if self._error is not None:
+            raise self._error
+        return self._value[0]
+
+    def error(self, timeout: float = JOIN) -> BaseException:
+        outcome = self.outcome(timeout)
+        if not isinstance(outcome, BaseException):
+            pytest.fail(f"{self.name} returned {outcome!r} instead of raising", pytrace=False)
+        return outcome
+
+
+def spawner() -> Iterator[Callable[[str, Callable[[], Any]], Worker[Any]]]:
+    """Make workers; at teardown every one is joined (with a timeout), so none outlives its test."""
+    made: list[Worker[Any]] = []
+
+    def _spawn(name: str, fn: Callable[[], T]) -> Worker[T]:
+        worker = Worker(name, fn)
+        made.append(worker)
+        return worker
+
+    yield _spawn
+    stuck = [w.name for w in made if w.thread.ident is not None and not w.finished_within(JOIN)]
+    assert not stuck, f"threads still running at teardown: {stuck}"
+
+
+Spawn = Callable[[str, Callable[[], Any]], Worker[Any]]
+
+
+# --- observing who waits for whom -----------------------------------------------------------------
+
+
+def wait_until(
+    predicate: Callable[[], bool], what: str, *, timeout: float = POLL, interval: float = 0.005
+) -> None:
+    """Poll ``predicate`` every ``interval`` seconds until it holds; fail the test at the deadline.
+    (The pause only paces the poll; the predicate, not the pause, decides.)"""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting until {what}", pytrace=False)
+        time.sleep(interval)
+
+
+def connection_id(conn: Connection) -> int:
+    """MySQL's ``CONNECTION_ID()`` of ``conn``: the name INNODB_TRX gives its transaction."""
+    return int(conn.execute(text("SELECT CONNECTION_ID()")).scalar_one())
+
+
+def holder_id(db: Database, conn: Connection) -> int | None:
+    return None if db.is_sqlite else connection_id(conn)
+
+
+_CID = "race_tests_connection_id"
+
+
+class Tap:
+    """Records, just before each statement a Database executes, the thread executing it and (on
+    MySQL) the ``CONNECTION_ID()`` of the connection executing it."""
+
+    def __init__(self, db: Database) -> None:
+        self._mysql = not db.is_sqlite
+        self._lock = threading.Lock()
+        self.executed: list[tuple[int, str, int | None]] = []
+        event.listen(db.engine, "before_cursor_execute", self._before)
+
+    def _before(
+        self,
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
+        cid: int | None = None
+        if self._mysql:
+            cid = conn.info.get(_CID)
+            if cid is None:
+                raw = conn.connection.dbapi_connection
+                assert raw is not None
+                probe = raw.cursor()
+                probe.execute("SELECT CONNECTION_ID()")
+                found = probe.fetchone()
+                probe.close()
+                assert found is not None
+                cid = conn.info[_CID] = int(found[0])
+        with self._lock:
+            self.executed.append((threading.get_ident(), statement, cid))
+
+    def connection_ids(self, thread: threading.Thread) -> set[int]:
+        with self._lock:
+            return {cid for t, _, cid in self.executed if t == thread.ident and cid is not None}
+
+
+@dataclass(frozen=True)
+class InnoDbTransaction:
+    connection_id: int
+    active: bool  # begun and not yet committed or rolled back
+    waiting_for: str | None  # `db`.`table` of the lock it waits for; None if it is not waiting
+
+
+_TRX_THREAD = re.compile(r"(?:MariaDB|MySQL) thread id (\d+)")
+_TRX_WAITING_FOR = re.compile(r"FOR THIS LOCK TO BE GRANTED:\n[^\n]*? of table (`[^`]+`\.`[^`]+`)")
+
+
+def innodb_transactions(observer: Database) -> dict[int, InnoDbTransaction]:
+    """Every InnoDB transaction right now, by connection id, from ``SHOW ENGINE INNODB STATUS``.
+
+    Not ``information_schema.INNODB_TRX``/``INNODB_LOCK_WAITS``: InnoDB serves those from a cache
+    that it refreshes only when nobody read it in the previous 0.1 s, so any other frequent reader
+    on the server (a parallel test run) keeps it stale for good. The status report is built on
+    each call."""
+    with observer.engine.connect() as conn:
+        status = str(conn.execute(text("SHOW ENGINE INNODB STATUS")).one()[2])
+    found: dict[int, InnoDbTransaction] = {}
+    for block in status.split("\n---TRANSACTION ")[1:]:
+        thread = _TRX_THREAD.search(block)
+        if thread is None:
+            continue
+        waiting = _TRX_WAITING_FOR.search(block) if "\nLOCK WAIT " in block else None
+        found[int(thread[1])] = InnoDbTransaction(
+            int(thread[1]),
+            active=" ACTIVE " in block.split("\n", 1)[0],
+            waiting_for=None if waiting is None else waiting[1],
+        )
+    return found
+
+
+_DRIVER_CALLS = frozenset({"do_execute", "do_execute_no_params"})
+
+
+def in_driver_call(thread: threading.Thread, sql: str) -> bool:
+    """``thread`` is inside the DB-API ``cursor.execute`` of a statement containing ``sql``: its
+    innermost Python frame is SQLAlchemy's call into the driver (C code makes no frames)."""
+    assert thread.ident is not None
+    frame = sys._current_frames().get(thread.ident)
+    if frame is None or frame.f_code.co_name not in _DRIVER_CALLS:
+        return False
+    return sql in str(frame.f_locals.get("statement", ""))
+
+
+def prove_blocked(
+    observer: Database,
+    worker: Worker[Any],
+    tap: Tap,
+    *,
+    holder: int | None,
+    what: str,
+    table: str = "applies",
+) -> None:
+    """Prove that ``worker`` waits for the open transaction of connection ``holder`` (on MySQL,
+    for a lock on a row of ``table``)."""
+    if observer.is_sqlite:
+        # The holder has the write lock; BEGIN IMMEDIATE cannot return until it is released.
+        wait_until(
+            lambda: in_driver_call(worker.thread, "BEGIN IMMEDIATE"),
+            f"{what} is inside SQLite's BEGIN IMMEDIATE (busy handler)",
+        )
+    else:
+        assert holder is not None
+        applies_table = f"`{observer.engine.url.database}`.`{table}`"
+
+        def waiting() -> bool:
+            now = innodb_transactions(observer)
+            if holder not in now or not now[holder].active:
+                return False  # the holder's transaction must still be open
+            return any(
+                now[cid].waiting_for == applies_table
+                for cid in tap.connection_ids(worker.thread)
+                if cid in now
+            )
+
+        wait_until(
+            waiting,
+            f"InnoDB shows {what} in LOCK WAIT on a row of {applies_table}"
+            f" while connection {holder}'s transaction is open",
+        )
+    assert not worker.finished_within(SETTLE), f"{what} finished although it should be blocked"
