@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/failover.py
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/effects.py
+	$(BIN)/python bench/control_latency.py
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	PYTHON=$(PYTHON) scripts/bootstrap.sh $(VENV)

@@ -314,9 +314,10 @@ def log_after(db: Database, apply_id: int, event: str, epoch: int) -> dict[str, 
 
 
 def sleep_apply(request_id: str, seconds: float) -> dict[str, Any]:
-    """The submit payload of a one-task ``sleep``-engine apply."""
+    """The submit payload of a one-task ``sleep``-engine apply, on a database (so a line) of its
+    own: applies of one database would run one at a time."""
     return {
-        "database": "shop",
+        "database": f"db-{request_id}"[:128],
         "environment": "bench",
         "engine": "sleep",
         "request_id": request_id,

@@ -34,6 +34,7 @@ _FIELDS: Final = frozenset(
 )
 _TASK_FIELDS: Final = frozenset({"table", "ddl", "options"})
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
+_ENVIRONMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}")  # applies.environment is 64 wide
 _TABLE = re.compile(r"[A-Za-z0-9_$][A-Za-z0-9_$.\-]{0,127}")
 _REPOSITORY = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,38})/[A-Za-z0-9._\-]{1,100}")
 _SHA = re.compile(r"[0-9a-f]{40}")
@@ -54,7 +55,7 @@ def parse_submission(payload: Mapping[str, Any], *, targets: Mapping[str, str]) 
         raise InvalidInput(f"unknown payload keys: {sorted(unknown)}")
 
     database = _string(payload, "database", _NAME)
-    environment = _string(payload, "environment", _NAME)
+    environment = _string(payload, "environment", _ENVIRONMENT)
     engine_name = _required(payload, "engine", str)
     engine = engine_class(engine_name)
     if engine_name == "mysql" and database not in targets:

@@ -111,7 +111,9 @@ class ApplyLane:
         self.slots = slots
         self.queue = queue
         self.consumer: Any = None  # celery.worker.consumer.Consumer, bound by the strategy
-        self.bounced = 0
+        self.bounced = 0  # received with every slot busy: requeued
+        self.moved = 0  # received from another queue: moved to the apply queue
+        self.refused = 0  # carried an ETA: dropped
         self._started = 0
         self._paused = False
         slots.wake = self._wake
@@ -131,6 +133,7 @@ class ApplyLane:
                     "refused run_apply %s with an ETA: applies are dispatched by leasehold only",
                     (message.headers or {}).get("id"),
                 )
+                self.refused += 1
                 message.ack_log_error(log, errors)
                 return
             if (message.delivery_info or {}).get("routing_key") != self._queue().routing_key:
@@ -174,6 +177,7 @@ class ApplyLane:
             message.reject_log_error(log, errors, requeue=True)
         else:
             log.info("moved a run_apply sent to another queue to %s", self.queue)
+            self.moved += 1
             message.ack_log_error(log, errors)
 
     def _forward(self, message: Any) -> None:
@@ -246,6 +250,8 @@ class ApplyLane:
             "busy": self.slots.busy,
             "consuming": bool(consumer is not None and consumer.consuming_from(self.queue)),
             "bounced": self.bounced,
+            "moved": self.moved,
+            "refused": self.refused,
         }
 
 

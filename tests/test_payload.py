@@ -117,6 +117,8 @@ REJECTED = [
     pytest.param(good(database="x" * 129), "database", id="database-too-long"),
     pytest.param(good(database="shop; DROP"), "is malformed", id="database-bad-chars"),
     pytest.param(good(environment="st aging"), "environment", id="environment-space"),
+    # 65 characters passed validation and failed at MySQL's insert ("Data too long"), uncaught.
+    pytest.param(good(environment="e" * 65), "environment", id="environment-too-long"),
     pytest.param(good(request_id="a b"), "request_id", id="request-id-space"),
     pytest.param(good(request_id="r" * 129), "request_id", id="request-id-too-long"),
     pytest.param(good(request_id=7), "request_id must be a str", id="request-id-int"),
@@ -294,3 +296,14 @@ def test_an_apply_an_older_leasehold_left_pending_is_dispatched_by_reclaim(db: D
     assert support.log_events(db, apply_id) == [(1, "dispatched")]
     assert service.reclaim_stale(db, _settings(db), sent) == 0
     assert len(sent.leases) == 1
+
+
+def test_the_longest_names_accepted_fit_their_columns(db: Database) -> None:
+    payload = good(database="d" * 128, environment="e" * 64, request_id="r" * 128)
+    apply_id = service.submit(db, _settings(db), payload, SentLeases())
+    row = applies.get(db, apply_id)
+    assert (row["database_name"], row["environment"], row["request_id"]) == (
+        "d" * 128,
+        "e" * 64,
+        "r" * 128,
+    )

@@ -42,6 +42,7 @@ from tests.e2e.helpers import (
     Stack,
     all_apply_ids,
     assert_epochs_non_decreasing,
+    assert_requests_ended,
     client_app,
     close_client,
     process_env,
@@ -193,7 +194,8 @@ def module_cluster(stack: Stack) -> Iterator[Cluster]:
 def cluster(module_cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[Cluster]:
     """The stack's processes for one test, with empty leasehold tables. Processes the test
     starts are stopped after it (SIGCONT, SIGTERM, then SIGKILL). After a passing test, every
-    apply's log must have non-decreasing epochs (invariant 5), whatever the test looked at."""
+    apply's log must have non-decreasing epochs (invariant 5), and no control request may be
+    pending on a finished apply, whatever the test looked at."""
     db = module_cluster.stack.db
     support.wipe(db)
     module_cluster.begin_test()
@@ -205,6 +207,7 @@ def cluster(module_cluster: Cluster, request: pytest.FixtureRequest) -> Iterator
     if request.node.stash.get(_PASSED, False):
         for apply_id in all_apply_ids(db):
             assert_epochs_non_decreasing(db, apply_id)
+            assert_requests_ended(db, apply_id)
 
 
 @pytest.fixture

@@ -514,6 +514,15 @@ def owner_worker(owner: str, procs: Iterable[CeleryProcess]) -> CeleryProcess:
     raise AssertionError(f"no process of ours holds the lease ({owner})")
 
 
+def assert_requests_ended(db: Database, apply_id: int) -> None:
+    """Every request ends: none is still pending once its apply has finished."""
+    if row(db, apply_id)["state"] in ("completed", "failed", "cancelled"):
+        pending = [r["id"] for r in control_requests(db, apply_id) if r["state"] == "pending"]
+        assert not pending, f"control requests {pending} outlived their apply\n" + describe(
+            db, apply_id
+        )
+
+
 def assert_epochs_non_decreasing(db: Database, apply_id: int) -> None:
     entries = logs(db, apply_id)
     for before, after in itertools.pairwise(entries):
