@@ -313,11 +313,11 @@ def log_after(db: Database, apply_id: int, event: str, epoch: int) -> dict[str, 
     return None if row is None else dict(row)
 
 
-def sleep_apply(request_id: str, seconds: float) -> dict[str, Any]:
+def sleep_apply(request_id: str, seconds: float, *, database: str | None = None) -> dict[str, Any]:
     """The submit payload of a one-task ``sleep``-engine apply, on a database (so a line) of its
-    own: applies of one database would run one at a time."""
+    own unless ``database`` is given: applies of one database run one at a time."""
     return {
-        "database": f"db-{request_id}"[:128],
+        "database": database or f"db-{request_id}"[:128],
         "environment": "bench",
         "engine": "sleep",
         "request_id": request_id,

@@ -71,7 +71,7 @@ class Overhead:
 
     def apply(self, record: bool) -> None:
         request_id = f"bench-overhead-{uuid.uuid4().hex}"
-        payload = sleep_apply(request_id, 0)
+        payload = sleep_apply(request_id, 0, database="shop")  # one after another: one line
         sent_at = db_now(self.db)
         started = time.perf_counter()
         self.app.send_task("leasehold.submit_apply", kwargs=payload)

@@ -14,7 +14,7 @@ from sqlalchemy import Connection, RowMapping
 from storage import leasing, lines, statements
 from storage.engine import Database
 from storage.errors import ApplyNotFound, StorageIntegrityError
-from storage.lines import Line, Place, Promoted
+from storage.lines import Line, LineMissing, Place, Promoted
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,23 +59,29 @@ def create(db: Database, new: NewApply, *, turn_token: str | None = None) -> Cre
         existing = _by_request_id(db, new.request_id)
         if existing is not None:
             return Created(existing, created=False)
-    lines.ensure(db, new.line)
-    promoted = None
-    try:
-        with db.transaction() as conn:
-            lines.lock(conn, new.line)
-            apply_id = _insert(conn, new)
-            if turn_token is not None:
-                promoted = lines.promote(conn, new.line, turn_token)
-            _log_if_behind(conn, new.line, apply_id)
-    except StorageIntegrityError:
-        if new.request_id is None:
-            raise
-        existing = _by_request_id(db, new.request_id)
-        if existing is None:
-            raise
-        return Created(existing, created=False)
-    return Created(apply_id, created=True, promoted=promoted)
+    for attempt in (1, 2):
+        promoted = None
+        try:
+            with db.transaction() as conn:
+                lines.lock(conn, new.line, make=False)
+                apply_id = _insert(conn, new)
+                if turn_token is not None:
+                    promoted = lines.promote(conn, new.line, turn_token)
+                if promoted is None or promoted.apply_id != apply_id:
+                    _log_if_behind(conn, new.line, apply_id)
+            return Created(apply_id, created=True, promoted=promoted)
+        except LineMissing:
+            if attempt == 2:
+                raise
+            lines.make(db, new.line)  # the line's first apply: make its row, then once more
+        except StorageIntegrityError:
+            if new.request_id is None:
+                raise
+            existing = _by_request_id(db, new.request_id)
+            if existing is None:
+                raise
+            return Created(existing, created=False)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _insert(conn: Connection, new: NewApply) -> int:

@@ -24,7 +24,7 @@ from sqlalchemy import Connection, Row
 
 from storage import leasing, statements
 from storage.engine import Database
-from storage.errors import ApplyNotFound
+from storage.errors import ApplyNotFound, RowNotFound
 from storage.leasing import LeaseRow
 from storage.states import WAITING_STATES, ApplyState
 
@@ -38,6 +38,10 @@ class Line:
         return f"{self.database_name}/{self.environment}"
 
 
+class LineMissing(RowNotFound):
+    """A line has no row yet: its first apply is being submitted."""
+
+
 @dataclass(frozen=True, slots=True)
 class Promoted:
     """A waiting head that was just dispatched: send it a lease of this epoch once committed."""
@@ -46,20 +50,28 @@ class Promoted:
     epoch: int
 
 
-def ensure(db: Database, line: Line) -> None:
-    """Create the line's row if it is missing, in a transaction of its own (so that racing
-    first submits of a new line never deadlock on inserting it)."""
-    with db.transaction() as conn:
-        conn.execute(statements.ensure_line(line.database_name, line.environment))
+def lock(conn: Connection, line: Line, *, make: bool = True) -> None:
+    """Lock ``line`` until the transaction ends. Take it before any applies row of the line.
 
-
-def lock(conn: Connection, line: Line) -> None:
-    """Lock ``line`` until the transaction ends. Take it before any applies row of the line."""
+    ``make=False``: raise :class:`LineMissing` if the line has no row yet (submit then makes it
+    with :func:`make` and tries again). Otherwise a missing row is inserted here, and the insert's
+    row lock is the line lock: only for applies inserted by a leasehold older than lines (during
+    a rolling upgrade), which never race for one line.
+    """
     found = conn.execute(statements.lock_line(line.database_name, line.environment)).first()
-    if found is None:
-        # Only for applies inserted by a leasehold older than lines (during a rolling upgrade):
-        # the insert's own row lock is the line lock.
-        conn.execute(statements.insert_line(line.database_name, line.environment))
+    if found is not None:
+        return
+    if not make:
+        raise LineMissing(f"line {line} has no row yet")
+    conn.execute(statements.insert_line(line.database_name, line.environment))
+
+
+def make(db: Database, line: Line) -> None:
+    """Make the line's row if it is missing, in a transaction of its own. Racing first submits
+    of a new line all get here: ``INSERT IGNORE`` lets one insert and the others find it, where
+    inserts inside their submit transactions would deadlock under REPEATABLE READ."""
+    with db.transaction() as conn:
+        conn.execute(statements.make_line(line.database_name, line.environment))
 
 
 def of(conn: Connection, apply_id: int) -> Line:

@@ -491,11 +491,10 @@ def rotation_event(apply_id: int, epoch: int) -> Select[Any]:
 # --- lines: one apply per (database, environment) at a time ---------------------------------------
 
 
-def ensure_line(database_name: str, environment: str) -> Insert:
-    """Create a line's row if it is missing; a no-op when it exists (so, safe to race)."""
+def make_line(database_name: str, environment: str) -> Insert:
+    """Make a line's row if it is missing; a no-op when it exists (so, safe to race)."""
     return (
-        insert(apply_lines)
-        .values(database_name=database_name, environment=environment, created_at=clock.now())
+        insert_line(database_name, environment)
         .prefix_with("IGNORE", dialect="mysql")
         .prefix_with("IGNORE", dialect="mariadb")
         .prefix_with("OR IGNORE", dialect="sqlite")

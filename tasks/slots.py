@@ -126,7 +126,7 @@ class ApplyLane:
 
         def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any) -> None:
             errors = consumer.connection_errors
-            if (message.headers or {}).get("eta"):
+            if _eta(message, body):
                 # An ETA would keep the message unacknowledged in this worker until then, past a
                 # broker's delivery timeout. leasehold never sends one; reclaim re-dispatches.
                 log.warning(
@@ -161,7 +161,10 @@ class ApplyLane:
         try:
             request.execute_using_pool(self.slots.pool)
         except TaskRevokedError:
-            self.slots.give_back()
+            self.slots.give_back()  # revoked before it started: Celery has recorded it
+        except BaseException:
+            self.slots.give_back()  # never reached the slot's thread (a pool shutting down)
+            raise
 
     # --- consuming the apply queue only while a slot is free ---------------------------------
 
@@ -268,6 +271,13 @@ class _LaneConsumer:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._consumer, name)
+
+
+def _eta(message: Any, body: Any) -> bool:
+    """The message asks to run later: ``eta`` in its headers (protocol 2) or body (protocol 1)."""
+    if (message.headers or {}).get("eta"):
+        return True
+    return isinstance(body, dict) and bool(body.get("eta"))
 
 
 def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[..., None]:

@@ -39,6 +39,13 @@ print(json.dumps({
     "effect_timeout": c.leasehold_effect_timeout,
     "effect_grace": c.leasehold_effect_grace,
     "targets": c.leasehold_targets,
+    "queue": c.leasehold_queue,
+    "apply_queue": c.leasehold_apply_queue,
+    "apply_slots": c.leasehold_worker_concurrency,
+    "worker_concurrency": c.worker_concurrency,
+    "task_default_queue": c.task_default_queue,
+    "task_queues": c.task_queues,
+    "task_routes": c.task_routes,
 }))
 """
 
@@ -93,6 +100,34 @@ def test_json_only_events_on_prefetch_one_and_no_requeue_forever(tmp_path: Path)
     assert conf["worker_prefetch_multiplier"] == 1
     # Late acks together with reject-on-worker-lost would requeue a worker-killing message forever.
     assert not (conf["task_acks_late"] and conf["task_reject_on_worker_lost"])
+
+
+def test_two_lanes_applies_on_their_own_queue_and_slots(tmp_path: Path) -> None:
+    """Applies are routed to their own queue and run on the apply slots; Celery's pool (the
+    control lane) serves everything else from the default queue (tasks/slots.py)."""
+    done = _python(_DUMP, tmp_path)
+    assert done.returncode == 0, done.stderr
+    conf = json.loads(done.stdout)
+    assert (conf["queue"], conf["apply_queue"]) == ("leasehold", "leasehold.applies")
+    assert conf["task_default_queue"] == "leasehold"
+    assert sorted(conf["task_queues"]) == ["leasehold", "leasehold.applies"]
+    assert conf["task_routes"] == {"leasehold.run_apply": {"queue": "leasehold.applies"}}
+    assert (conf["apply_slots"], conf["worker_concurrency"]) == (4, 4)
+
+    done = _python(
+        _DUMP,
+        tmp_path,
+        LEASEHOLD_QUEUE="schema.control",
+        LEASEHOLD_APPLY_QUEUE="schema.applies",
+        LEASEHOLD_WORKER_CONCURRENCY="16",
+        LEASEHOLD_CONTROL_CONCURRENCY="3",
+    )
+    assert done.returncode == 0, done.stderr
+    conf = json.loads(done.stdout)
+    assert conf["task_default_queue"] == "schema.control"
+    assert sorted(conf["task_queues"]) == ["schema.applies", "schema.control"]
+    assert conf["task_routes"] == {"leasehold.run_apply": {"queue": "schema.applies"}}
+    assert (conf["apply_slots"], conf["worker_concurrency"]) == (16, 3)
 
 
 def test_beat_runs_reclaim_every_reclaim_interval(tmp_path: Path) -> None:
@@ -191,6 +226,26 @@ BAD = [
         {"LEASEHOLD_DISPATCH_TIMEOUT": "5"},
         ["LEASEHOLD_DISPATCH_TIMEOUT", "LEASEHOLD_RECLAIM_INTERVAL"],
         id="dispatch-timeout-not-over-reclaim-interval",
+    ),
+    pytest.param(
+        {"LEASEHOLD_QUEUE": "celery", "LEASEHOLD_APPLY_QUEUE": "celery"},
+        ["LEASEHOLD_QUEUE and LEASEHOLD_APPLY_QUEUE must differ", "control plane"],
+        id="one-queue-for-both-lanes",
+    ),
+    pytest.param(
+        {"LEASEHOLD_APPLY_QUEUE": "applies; rm -rf"},
+        ["LEASEHOLD_APPLY_QUEUE", "is not a queue name"],
+        id="bad-queue-name",
+    ),
+    pytest.param(
+        {"LEASEHOLD_WORKER_CONCURRENCY": "0"},
+        ["LEASEHOLD_WORKER_CONCURRENCY must be at least 1"],
+        id="no-apply-slots",
+    ),
+    pytest.param(
+        {"LEASEHOLD_CONTROL_CONCURRENCY": "0"},
+        ["LEASEHOLD_CONTROL_CONCURRENCY must be at least 1"],
+        id="no-control-threads",
     ),
     pytest.param(
         {"LEASEHOLD_TARGETS": "{shop: mysql://x}"},

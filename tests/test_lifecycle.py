@@ -390,7 +390,7 @@ def test_create_is_one_transaction(db: Database) -> None:
     with pytest.raises(StorageError):
         applies_repo.create(db, bad)
     after = support.snapshot(db)
-    # The line's row is made before (in a transaction of its own) and kept: lines are durable.
+    # The line's first apply made the line's row first, in a transaction of its own; it stays.
     assert [row[:2] for row in after.pop("apply_lines")] == [("shop", "staging")]
     before.pop("apply_lines")
     assert after == before

@@ -89,7 +89,8 @@ def test_two_submits_wait_for_the_line_and_one_takes_the_turn(
 ) -> None:
     database = support.new_database()
     line = Line(database, "production")
-    lines.ensure(db, line)
+    with db.transaction() as conn:
+        lines.lock(conn, line)  # makes the line's row
     holding = open_db(isolation_level=isolation)
     submitters = [open_db(isolation_level=isolation) for _ in range(2)]
     taps = [Tap(s) for s in submitters]
