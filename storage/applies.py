@@ -15,6 +15,7 @@ from storage import leasing, lines, statements
 from storage.engine import Database
 from storage.errors import ApplyNotFound, StorageIntegrityError
 from storage.lines import Line, LineMissing, Place, Promoted
+from storage.states import ApplyState
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,5 +175,7 @@ def pending_requests(db: Database, apply_id: int) -> list[RowMapping]:
 def place(db: Database, apply_id: int) -> Place | None:
     """A waiting apply's place in its line; None for the head, or a finished apply."""
     with db.transaction() as conn:
+        if ApplyState(leasing.read(conn, apply_id).state).terminal:
+            return None
         where = lines.place(conn, lines.of(conn, apply_id), apply_id)
     return None if where is None or where.position == 1 else where

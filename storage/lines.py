@@ -54,16 +54,18 @@ def lock(conn: Connection, line: Line, *, make: bool = True) -> None:
     """Lock ``line`` until the transaction ends. Take it before any applies row of the line.
 
     ``make=False``: raise :class:`LineMissing` if the line has no row yet (submit then makes it
-    with :func:`make` and tries again). Otherwise a missing row is inserted here, and the insert's
-    row lock is the line lock: only for applies inserted by a leasehold older than lines (during
-    a rolling upgrade), which never race for one line.
+    with :func:`make` and tries again). Otherwise a missing row is made here, in the caller's
+    transaction: only applies inserted by a leasehold older than lines (during a rolling upgrade)
+    have none, and their transitions rarely race (when they do, InnoDB breaks the deadlock and
+    the caller's retry of ``StorageBusy`` finds the row).
     """
-    found = conn.execute(statements.lock_line(line.database_name, line.environment)).first()
-    if found is not None:
+    lock_line = statements.lock_line(line.database_name, line.environment)
+    if conn.execute(lock_line).first() is not None:
         return
     if not make:
         raise LineMissing(f"line {line} has no row yet")
-    conn.execute(statements.insert_line(line.database_name, line.environment))
+    conn.execute(statements.make_line(line.database_name, line.environment))
+    conn.execute(lock_line).one()
 
 
 def make(db: Database, line: Line) -> None:

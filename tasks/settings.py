@@ -21,8 +21,6 @@ class Settings:
     comment_interval: float = 10.0
     apply_slots: int = 4
     control_concurrency: int = 4
-    queue: str = "leasehold"
-    apply_queue: str = "leasehold.applies"
     github_api_url: str = "https://api.github.com"
     targets: dict[str, str] = field(default_factory=dict, repr=False)
     github_token: str | None = field(default=None, repr=False)
@@ -44,8 +42,6 @@ class Settings:
             comment_interval=float(conf.leasehold_comment_interval),
             apply_slots=int(conf.leasehold_worker_concurrency),
             control_concurrency=int(conf.leasehold_control_concurrency),
-            queue=str(conf.leasehold_queue),
-            apply_queue=str(conf.leasehold_apply_queue),
             github_api_url=str(conf.leasehold_github_api_url),
             targets=dict(conf.leasehold_targets),
             github_token=conf.leasehold_github_token,
