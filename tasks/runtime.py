@@ -10,9 +10,11 @@ import logging
 import threading
 from typing import Any
 
-from celery.signals import worker_process_init, worker_shutting_down
+from celery.signals import beat_init, worker_init, worker_process_init, worker_shutting_down
 
+from storage import migrate
 from storage.engine import Database, open_database
+from storage.errors import SchemaError, StorageUnavailable
 from tasks.app import app
 from tasks.interrupts import Interrupts, Reason
 from tasks.settings import Settings
@@ -105,5 +107,19 @@ def _on_warm_shutdown(sig: str = "", how: str = "", exitcode: int = 0, **_: Any)
             log.warning("warm shutdown (%s): handing back %d running applies", sig, count)
 
 
+def _require_migrated_store(**_: Any) -> None:
+    """A worker or beat refuses to start on a store at another revision, with one line that says
+    what to do (Celery logs and swallows a handler's Exception, not SystemExit). A store that does
+    not answer only warns: a database blip must not crash-loop a fleet, and tasks retry."""
+    try:
+        migrate.require_head(database())
+    except StorageUnavailable as exc:
+        log.warning("could not check the store's revision, starting anyway: %s", exc)
+    except SchemaError as exc:
+        raise SystemExit(f"leasehold: {exc}") from None
+
+
+worker_init.connect(_require_migrated_store, weak=False)
+beat_init.connect(_require_migrated_store, weak=False)
 worker_process_init.connect(_reset_after_fork, weak=False)
 worker_shutting_down.connect(_on_warm_shutdown, weak=False)
