@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import tasks
 from leases import Lease, LeaseLost, fence
 from storage import applies, fenced, open_database
 from storage.engine import Database
@@ -27,7 +28,32 @@ from tasks.github import render
 from tasks.github.standin import GitHubStandIn
 from tasks.processes import beat, worker
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "apply.json"
+# The demo's own apply, not a copy read from examples/apply.json: the wheel carries no examples,
+# and the scenario is timed on these durations (worker-a is killed 30% into the second 3 s task,
+# with the last one still ahead), so an edit to the users' example must not change the tour.
+DEMO_APPLY: dict[str, Any] = {
+    "database": "shop",
+    "environment": "staging",
+    "engine": "sleep",
+    "request_id": "example-apply-1",
+    "tasks": [
+        {
+            "table": "orders",
+            "ddl": "ALTER TABLE orders ADD COLUMN note VARCHAR(255)",
+            "options": {"seconds": 3},
+        },
+        {
+            "table": "customers",
+            "ddl": "ALTER TABLE customers ADD INDEX ix_email (email)",
+            "options": {"seconds": 3},
+        },
+        {
+            "table": "invoices",
+            "ddl": "ALTER TABLE invoices ADD COLUMN paid_at DATETIME",
+            "options": {"seconds": 3},
+        },
+    ],
+}
 DEMO_TOKEN = "demo-" + "0" * 36  # accepted by the stand-in only
 PULL_REQUEST = {"repository": "acme/shop", "pull_request": 42, "head_sha": "c0ffee" + "0" * 34}
 
@@ -50,6 +76,12 @@ def run_demo(folder: Path) -> int:
         return _tour(folder, github)
 
 
+def _import_root() -> Path:
+    """The directory holding the ``tasks`` package this process imported: site-packages when
+    installed from a wheel, the checkout when run from source."""
+    return Path(tasks.__file__).resolve().parent.parent
+
+
 def _tour(folder: Path, github: GitHubStandIn) -> int:
     folder = folder.absolute()
     shutil.rmtree(folder, ignore_errors=True)
@@ -69,11 +101,11 @@ def _tour(folder: Path, github: GitHubStandIn) -> int:
         LEASEHOLD_GITHUB_API_URL=github.url,
         LEASEHOLD_GITHUB_TOKEN=DEMO_TOKEN,
     )
-    payload = json.loads(EXAMPLE.read_text()) | PULL_REQUEST
+    payload = DEMO_APPLY | PULL_REQUEST
+    # A real file, submitted by the real CLI, so the tour shows what a user would type.
     submission = folder / "apply.json"
     submission.write_text(json.dumps(payload, indent=2))
     cli = [sys.executable, "-m", "tasks.cli"]
-    root = EXAMPLE.parent.parent
 
     def leasehold(*args: str) -> str:
         done = subprocess.run(
@@ -83,7 +115,11 @@ def _tour(folder: Path, github: GitHubStandIn) -> int:
             raise RuntimeError(f"leasehold {' '.join(args)} failed: {done.stderr.strip()}")
         return done.stdout
 
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH", "")]))
+    # The children run in the scratch folder, where a checkout's ``tasks`` is not importable; and
+    # they must run the very code this process runs, not another leasehold on the path.
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(_import_root()), env.get("PYTHONPATH", "")])
+    )
     print(f"demo folder: {folder}  (stale_after 5 s, heartbeat 1 s, reclaim every 1 s)")
     print(f"GitHub stand-in: {github.url}  (pull request {payload['repository']}#42)")
     _say("leasehold migrate")
@@ -99,7 +135,7 @@ def _tour(folder: Path, github: GitHubStandIn) -> int:
         _say("starting worker-a and beat")
         first.start().wait_ready()
         ticker.start()
-        _say(f"leasehold submit {EXAMPLE.name} (with a pull request)")
+        _say(f"leasehold submit {submission.name} (with a pull request)")
         apply_id = int(_json(leasehold("submit", str(submission)))["apply_id"])
         print(f"apply {apply_id} submitted")
 
