@@ -83,12 +83,18 @@ def _targets(raw: str | None) -> dict[str, str]:
 leasehold_database_url = (
     _env.get("LEASEHOLD_DATABASE_URL") or f"sqlite:///{Path.cwd() / 'leasehold.sqlite3'}"
 )
-leasehold_heartbeat_interval = _number("LEASEHOLD_HEARTBEAT_INTERVAL", 5.0)
 leasehold_stale_after = _number("LEASEHOLD_STALE_AFTER", 30.0)
+if leasehold_stale_after <= 0:
+    raise LeaseholdConfigError("LEASEHOLD_STALE_AFTER must be greater than 0")
+# Defaults that follow stale_after, so that changing it alone works: six heartbeats in one
+# stale_after, and a GitHub call bounded well under it (at the defaults: 5 s, 10 s, 12 s).
+leasehold_heartbeat_interval = _number(
+    "LEASEHOLD_HEARTBEAT_INTERVAL", min(5.0, leasehold_stale_after / 6)
+)
 leasehold_reclaim_interval = _number("LEASEHOLD_RECLAIM_INTERVAL", 5.0)
 leasehold_dispatch_timeout = _number("LEASEHOLD_DISPATCH_TIMEOUT", 600.0)
 leasehold_max_reclaims = int(_number("LEASEHOLD_MAX_RECLAIMS", 5, integer=True))
-leasehold_effect_timeout = _number("LEASEHOLD_EFFECT_TIMEOUT", 10.0)
+leasehold_effect_timeout = _number("LEASEHOLD_EFFECT_TIMEOUT", min(10.0, leasehold_stale_after / 3))
 leasehold_effect_grace = _number("LEASEHOLD_EFFECT_GRACE", leasehold_effect_timeout + 2.0)
 leasehold_comment_interval = _number("LEASEHOLD_COMMENT_INTERVAL", 10.0)
 leasehold_github_api_url = _env.get("LEASEHOLD_GITHUB_API_URL") or "https://api.github.com"
@@ -116,9 +122,16 @@ leasehold_apply_queue = _queue_name("LEASEHOLD_APPLY_QUEUE", "leasehold.applies"
 leasehold_worker_concurrency = int(_number("LEASEHOLD_WORKER_CONCURRENCY", 4, integer=True))
 leasehold_control_concurrency = int(_number("LEASEHOLD_CONTROL_CONCURRENCY", 4, integer=True))
 
+
+def _shown(name: str, value: float) -> str:
+    """A setting in a refusal, saying whether the user set it: a default that follows another
+    variable must not be blamed as if it had been set."""
+    origin = "set" if (_env.get(name) or "").strip() else "default"
+    return f"{name} ({value:g}s, {origin})"
+
+
 for _name, _value in (
     ("LEASEHOLD_HEARTBEAT_INTERVAL", leasehold_heartbeat_interval),
-    ("LEASEHOLD_STALE_AFTER", leasehold_stale_after),
     ("LEASEHOLD_RECLAIM_INTERVAL", leasehold_reclaim_interval),
     ("LEASEHOLD_DISPATCH_TIMEOUT", leasehold_dispatch_timeout),
     ("LEASEHOLD_EFFECT_TIMEOUT", leasehold_effect_timeout),
@@ -127,19 +140,19 @@ for _name, _value in (
         raise LeaseholdConfigError(f"{_name} must be greater than 0")
 if leasehold_heartbeat_interval >= leasehold_stale_after:
     raise LeaseholdConfigError(
-        f"LEASEHOLD_HEARTBEAT_INTERVAL ({leasehold_heartbeat_interval:g}s) must be shorter than "
-        f"LEASEHOLD_STALE_AFTER ({leasehold_stale_after:g}s): every healthy worker would be "
-        "reclaimed"
+        f"{_shown('LEASEHOLD_HEARTBEAT_INTERVAL', leasehold_heartbeat_interval)} must be shorter "
+        f"than {_shown('LEASEHOLD_STALE_AFTER', leasehold_stale_after)}: every healthy worker "
+        "would be reclaimed"
     )
 if leasehold_effect_timeout >= leasehold_stale_after:
     raise LeaseholdConfigError(
-        f"LEASEHOLD_EFFECT_TIMEOUT ({leasehold_effect_timeout:g}s) must be well under "
-        f"LEASEHOLD_STALE_AFTER ({leasehold_stale_after:g}s)"
+        f"{_shown('LEASEHOLD_EFFECT_TIMEOUT', leasehold_effect_timeout)} must be well under "
+        f"{_shown('LEASEHOLD_STALE_AFTER', leasehold_stale_after)}"
     )
 if leasehold_effect_grace <= leasehold_effect_timeout:
     raise LeaseholdConfigError(
-        f"LEASEHOLD_EFFECT_GRACE ({leasehold_effect_grace:g}s) must be longer than "
-        f"LEASEHOLD_EFFECT_TIMEOUT ({leasehold_effect_timeout:g}s)"
+        f"{_shown('LEASEHOLD_EFFECT_GRACE', leasehold_effect_grace)} must be longer than "
+        f"{_shown('LEASEHOLD_EFFECT_TIMEOUT', leasehold_effect_timeout)}"
     )
 for _name, _count in (
     ("LEASEHOLD_WORKER_CONCURRENCY", leasehold_worker_concurrency),
@@ -154,7 +167,8 @@ if leasehold_queue == leasehold_apply_queue:
     )
 if leasehold_dispatch_timeout <= leasehold_reclaim_interval:
     raise LeaseholdConfigError(
-        "LEASEHOLD_DISPATCH_TIMEOUT must be longer than LEASEHOLD_RECLAIM_INTERVAL"
+        f"{_shown('LEASEHOLD_DISPATCH_TIMEOUT', leasehold_dispatch_timeout)} must be longer than "
+        f"{_shown('LEASEHOLD_RECLAIM_INTERVAL', leasehold_reclaim_interval)}"
     )
 
 # --- Celery ---------------------------------------------------------------------------------------

@@ -10,7 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
+from storage import open_database
+from storage.migrate import head_revision, upgrade
 from tests.celery_fixtures import REPO
 
 _DUMP = """
@@ -166,6 +169,36 @@ def test_variables_are_read(tmp_path: Path) -> None:
     assert conf["targets"] == targets
 
 
+@pytest.mark.parametrize("stale_after", ["4", "1", "600"])
+def test_lowering_stale_after_alone_works(tmp_path: Path, stale_after: str) -> None:
+    """The heartbeat and the effect timeout follow stale_after unless set: changing it alone
+    never makes a default it depends on invalid (and blamed, although nobody set it)."""
+    done = _python(_DUMP, tmp_path, LEASEHOLD_STALE_AFTER=stale_after)
+    assert done.returncode == 0, done.stderr
+    conf = json.loads(done.stdout)
+    stale = float(stale_after)
+    assert conf["heartbeat"] == min(5.0, stale / 6)
+    assert conf["effect_timeout"] == min(10.0, stale / 3)
+    assert conf["effect_grace"] == conf["effect_timeout"] + 2.0
+
+
+def test_defaults_are_unchanged_at_the_default_stale_after(tmp_path: Path) -> None:
+    conf = json.loads(_python(_DUMP, tmp_path).stdout)
+    assert (conf["heartbeat"], conf["effect_timeout"], conf["effect_grace"]) == (5.0, 10.0, 12.0)
+
+
+def test_a_refusal_says_which_setting_was_set(tmp_path: Path) -> None:
+    done = _python(_DUMP, tmp_path, LEASEHOLD_STALE_AFTER="4", LEASEHOLD_EFFECT_TIMEOUT="6")
+    assert done.returncode != 0
+    assert (
+        "LEASEHOLD_EFFECT_TIMEOUT (6s, set) must be well under LEASEHOLD_STALE_AFTER (4s, set)"
+        in done.stderr
+    )
+    done = _python(_DUMP, tmp_path, LEASEHOLD_HEARTBEAT_INTERVAL="40")
+    assert "LEASEHOLD_HEARTBEAT_INTERVAL (40s, set) must be shorter than" in done.stderr
+    assert "LEASEHOLD_STALE_AFTER (30s, default)" in done.stderr
+
+
 def test_targets_from_a_file(tmp_path: Path) -> None:
     path = tmp_path / "targets.json"
     path.write_text(json.dumps({"shop": "mysql+mysqldb://u@db/shop"}))
@@ -317,4 +350,42 @@ def test_celery_refuses_to_start_with_bad_configuration(tmp_path: Path, command:
         timeout=60,
     )
     assert done.returncode != 0
-    assert "LEASEHOLD_HEARTBEAT_INTERVAL (60s) must be shorter than" in done.stderr
+    assert "LEASEHOLD_HEARTBEAT_INTERVAL (60s, set) must be shorter than" in done.stderr
+
+
+@pytest.mark.parametrize("command", ["worker", "beat"])
+def test_celery_refuses_to_start_on_a_store_at_another_revision(
+    tmp_path: Path, command: str
+) -> None:
+    """A worker or beat on a store nobody migrated (or one a newer leasehold migrated) exits at
+    once with one line saying what to do, instead of failing at its first submit."""
+    url = f"sqlite:///{tmp_path / 'store.sqlite3'}"
+
+    def start() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "tasks", command, "--loglevel", "warning"],
+            env=_env(tmp_path, LEASEHOLD_DATABASE_URL=url),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    unmigrated = start()
+    assert unmigrated.returncode == 1, unmigrated.stderr[-2000:]
+    assert (
+        f"leasehold: the store {url} is not migrated: this leasehold needs revision "
+        f"{head_revision()}: run `leasehold migrate`"
+    ) in unmigrated.stderr
+    assert "Traceback" not in unmigrated.stderr
+
+    db = open_database(url)
+    try:
+        upgrade(db)
+        with db.transaction() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = 'ffff0000ffff'"))
+    finally:
+        db.dispose()
+    ahead = start()
+    assert ahead.returncode == 1, ahead.stderr[-2000:]
+    assert "is at revision ffff0000ffff, which this leasehold does not know" in ahead.stderr
