@@ -11,10 +11,11 @@ from typing import Any
 
 from sqlalchemy import Connection, RowMapping
 
-from storage import leasing, lines, statements
+from storage import leasing, lines, notifications, statements
 from storage.engine import Database
 from storage.errors import ApplyNotFound, StorageIntegrityError
 from storage.lines import Line, LineMissing, Place, Promoted
+from storage.notifications import Notify
 from storage.states import ApplyState
 
 
@@ -35,6 +36,7 @@ class NewApply:
     pull_request: int | None = None
     head_sha: str | None = None
     request_id: str | None = None
+    notify: Notify | None = None
 
     @property
     def line(self) -> Line:
@@ -66,6 +68,8 @@ def create(db: Database, new: NewApply, *, turn_token: str | None = None) -> Cre
             with db.transaction() as conn:
                 lines.lock(conn, new.line, make=False)
                 apply_id = _insert(conn, new)
+                if new.notify is not None:
+                    notifications.record(conn, apply_id, new.notify)
                 if turn_token is not None:
                     promoted = lines.promote(conn, new.line, turn_token)
                 if promoted is None or promoted.apply_id != apply_id:
@@ -164,6 +168,12 @@ def logs(db: Database, apply_id: int, *, after_id: int = 0, limit: int = 1000) -
 def lease_table(db: Database, *, limit: int = 50) -> list[RowMapping]:
     with db.transaction() as conn:
         return list(conn.execute(statements.lease_table(limit)).mappings())
+
+
+def active(db: Database, *, limit: int = 10_000) -> list[RowMapping]:
+    """Dispatched and running applies (id, state, heartbeat_age), stalest first."""
+    with db.transaction() as conn:
+        return list(conn.execute(statements.active_applies(limit)).mappings())
 
 
 def pending_requests(db: Database, apply_id: int) -> list[RowMapping]:

@@ -85,7 +85,8 @@ def rotate(
 
     ``from_states`` defaults to ``row.state``: the apply must still be in the state the caller saw.
     A rotation to a terminal state also fails the apply's control requests still pending (every
-    request ends): complete the one being acted on before calling this.
+    request ends: complete the one being acted on before calling this) and makes its completion
+    notification due (``storage.notifications``), in the same transaction.
     """
     allowed = [row.state] if from_states is None else list(from_states)
     result = conn.execute(
@@ -108,6 +109,7 @@ def rotate(
     epoch = row.epoch + 1
     if ApplyState(to_state).terminal:
         conn.execute(statements.fail_pending_control_requests(row.apply_id, apply_state=to_state))
+        conn.execute(statements.notification_due(row.apply_id))
     level = "error" if to_state == "failed" else "info"
     append_log(
         conn,

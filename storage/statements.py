@@ -37,6 +37,8 @@ from storage.tables import (
     apply_tasks,
     checks,
     control_requests,
+    marks,
+    notifications,
 )
 
 _IN_LINE = sorted(IN_LINE_STATES)
@@ -392,6 +394,20 @@ def lease_table(limit: int) -> Select[Any]:
     )
 
 
+def active_applies(limit: int) -> Select[Any]:
+    """Dispatched and running applies with their heartbeat age (DB clock), stalest first."""
+    return (
+        select(
+            applies.c.id,
+            applies.c.state,
+            clock.age_of(applies.c.heartbeat_at).label("heartbeat_age"),
+        )
+        .where(applies.c.state.in_([ApplyState.DISPATCHED, ApplyState.RUNNING]))
+        .order_by(applies.c.heartbeat_at)
+        .limit(limit)
+    )
+
+
 def db_time() -> Select[Any]:
     return select(clock.now().label("now"))
 
@@ -574,4 +590,95 @@ def _ahead_in_line(row: Any) -> ColumnElement[Any]:
             other.c.id < row.c.id,
         )
         .scalar_subquery()
+    )
+
+
+# --- notifications: completion for callers --------------------------------------------------------
+
+
+def insert_notification(apply_id: int, *, task: str, queue: str) -> Insert:
+    return insert(notifications).values(apply_id=apply_id, task=task, queue=queue, attempts=0)
+
+
+def notification_due(apply_id: int) -> Update:
+    """The apply ended: its notification is owed. Run by every rotation to a terminal state."""
+    return (
+        notifications.update()
+        .where(notifications.c.apply_id == apply_id, notifications.c.due_at.is_(None))
+        .values(due_at=clock.now())
+    )
+
+
+def _claimable(expiry: float) -> ColumnElement[bool]:
+    return (
+        notifications.c.due_at.is_not(None)
+        & notifications.c.sent_at.is_(None)
+        & (
+            notifications.c.claimed_at.is_(None)
+            | (notifications.c.claimed_at < clock.now_minus(bindparam("expiry", expiry)))
+        )
+    )
+
+
+def owed_notifications(*, expiry: float, limit: int) -> Select[Any]:
+    """Notifications owed and free to claim (never claimed, or claimed over ``expiry`` ago)."""
+    return (
+        select(notifications.c.apply_id)
+        .where(_claimable(expiry))
+        .order_by(notifications.c.due_at)
+        .limit(limit)
+    )
+
+
+def claim_notification(apply_id: int, *, expiry: float) -> Update:
+    """Take an owed notification to send it; zero rows: sent, not due, or another sender's."""
+    return (
+        notifications.update()
+        .where(notifications.c.apply_id == apply_id, _claimable(expiry))
+        .values(claimed_at=clock.now(), attempts=notifications.c.attempts + 1)
+    )
+
+
+def notification_sent(apply_id: int) -> Update:
+    return (
+        notifications.update()
+        .where(notifications.c.apply_id == apply_id, notifications.c.sent_at.is_(None))
+        .values(sent_at=clock.now())
+    )
+
+
+def release_notification(apply_id: int) -> Update:
+    """A send failed: free the claim at once, so that the next reclaim pass tries again."""
+    return (
+        notifications.update()
+        .where(notifications.c.apply_id == apply_id, notifications.c.sent_at.is_(None))
+        .values(claimed_at=None)
+    )
+
+
+def notification_message(apply_id: int) -> Select[Any]:
+    """What a notification carries: where it goes, and the apply's final state."""
+    return (
+        select(
+            notifications.c.task,
+            notifications.c.queue,
+            notifications.c.sent_at,
+            applies.c.state,
+            applies.c.error,
+        )
+        .join(applies, applies.c.id == notifications.c.apply_id)
+        .where(notifications.c.apply_id == apply_id)
+    )
+
+
+# --- marks: when each background duty last ran ----------------------------------------------------
+
+
+def touch_mark(name: str, *, detail: str | None) -> Update:
+    return marks.update().where(marks.c.name == name).values(at=clock.now(), detail=detail)
+
+
+def mark_row(name: str) -> Select[Any]:
+    return select(marks.c.at, marks.c.detail, clock.age_of(marks.c.at).label("age")).where(
+        marks.c.name == name
     )

@@ -152,3 +152,29 @@ control_requests = Table(
     ),
     UniqueConstraint("apply_id", "pending_action"),
 )
+
+# Completion for callers: the task to send when an apply ends (submit's ``notify``). ``due_at`` is
+# set in the transaction that ends the apply; a sender claims it (``claimed_at``), sends, and
+# records ``sent_at``; a claim whose sender died expires, so a notification is sent at least once.
+notifications = Table(
+    "notifications",
+    metadata,
+    Column("apply_id", Id, ForeignKey("applies.id"), primary_key=True),
+    Column("task", String(200), nullable=False),
+    Column("queue", String(200), nullable=False),
+    Column("due_at", Timestamp, nullable=True),
+    Column("claimed_at", Timestamp, nullable=True),
+    Column("sent_at", Timestamp, nullable=True),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    # Owed ones are read as a range: sent_at IS NULL, due_at set.
+    Index("ix_notifications_sent_at_due_at", "sent_at", "due_at"),
+)
+
+# When each background duty last ran, by the database clock (``leasehold doctor`` reads them).
+marks = Table(
+    "marks",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("at", Timestamp, nullable=True),
+    Column("detail", String(255), nullable=True),
+)

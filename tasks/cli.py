@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        code = _main(args)
+        sys.stdout.flush()  # here, not at exit, where a closed pipe would print a traceback
+        return code
+    except BrokenPipeError:
+        # The reader went away (`leasehold logs 7 | head`): stop quietly. Point stdout at
+        # /dev/null so that the interpreter's final flush does not fail a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(args: argparse.Namespace) -> int:
+    try:
         if args.func in _WITHOUT_DATABASE:
             result: int = args.func(None, args)
             return result
@@ -26,6 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         db = open_database(runtime.settings().database_url)
         try:
+            if args.func not in _ANY_REVISION:
+                # A store nobody migrated, or one migrated by another version, gets one line
+                # that says what to do, instead of a driver error from the first query.
+                migrate.require_head(db)
             result = args.func(db, args)
         finally:
             db.dispose()
@@ -53,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="the lease table, or one apply with its tasks")
     p.add_argument("apply_id", type=int, nargs="?")
     p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true", help="one apply as leasehold.get_apply gives it")
     p.set_defaults(func=_status)
     p = sub.add_parser("logs", help="an apply's log, with the lease epoch of each line")
     p.add_argument("apply_id", type=int)
@@ -62,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("apply_id", type=int)
         p.add_argument("--by", default=None, help="who asks (recorded with the request)")
         p.set_defaults(func=_control, action=action)
+    p = sub.add_parser("doctor", help="check store, broker, workers, beat, routing and applies")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for workers")
+    p.set_defaults(func=_doctor)
     p = sub.add_parser("run", help="run a worker and beat (and Flower if installed) here")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--no-flower", action="store_true")
@@ -100,6 +121,13 @@ def _submit(db: Database, args: argparse.Namespace) -> int:
 
 
 def _status(db: Database, args: argparse.Namespace) -> int:
+    if args.json:
+        if args.apply_id is None:
+            raise InvalidInput("--json shows one apply: give its id")
+        from tasks import service
+
+        print(json.dumps(service.get_apply(db, args.apply_id)))
+        return 0
     if args.apply_id is not None:
         return _status_one(db, args.apply_id)
     rows = applies.lease_table(db, limit=args.limit)
@@ -167,9 +195,11 @@ def _logs(db: Database, args: argparse.Namespace) -> int:
 
 def _control(db: Database, args: argparse.Namespace) -> int:
     from tasks import service
-    from tasks.dispatcher import send_run
+    from tasks.dispatcher import send_notification, send_run
 
-    result = service.control_apply(db, args.apply_id, args.action, args.by, send_run)
+    result = service.control_apply(
+        db, args.apply_id, args.action, args.by, send_run, send_notification
+    )
     print(json.dumps(result))
     if result["request_state"] == "failed":
         # The JSON above is for scripts; the error is one line on stderr, as for every error.
@@ -183,6 +213,19 @@ def _run(db: Database, args: argparse.Namespace) -> int:
 
     migrate.upgrade(db)
     return run_foreground(workers=args.workers, flower=not args.no_flower)
+
+
+def _doctor(db: Database, args: argparse.Namespace) -> int:
+    from tasks import doctor, runtime
+    from tasks.app import app
+
+    findings = []
+    for finding in doctor.examine(db, runtime.settings(), app, timeout=args.timeout):
+        print(finding, flush=True)
+        findings.append(finding)
+    bad = doctor.failed(findings)
+    print("something is wrong: see the FAIL lines above" if bad else "all good")
+    return 1 if bad else 0
 
 
 def _demo(db: None, args: argparse.Namespace) -> int:
@@ -200,6 +243,8 @@ def _age(age: float | None) -> str:
 
 
 _WITHOUT_DATABASE = {_demo}
+# Commands that work on a store at any revision: they migrate it, or report on it.
+_ANY_REVISION = {_migrate, _run, _doctor}
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,4 +1,5 @@
-"""Sending ``run_apply`` messages: the broker is a doorbell, the database the truth."""
+"""Sending messages: ``run_apply`` to workers, and completion notifications to callers. The
+broker is a doorbell, the database the truth."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 from kombu.exceptions import OperationalError
 
 from leases import Lease
+from storage.notifications import Notice
 from tasks.app import app
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,27 @@ def send_run(lease: Lease) -> bool:
             "apply %s: could not send run_apply for epoch %s (%s); reclaim will re-dispatch",
             lease.apply_id,
             lease.epoch,
+            exc,
+        )
+        return False
+    return True
+
+
+def send_notification(notice: Notice) -> bool:
+    """Send the caller's task with the apply's final state, to the caller's queue. False (logged)
+    if the broker cannot be reached: the notification stays owed and a reclaim pass retries it."""
+    try:
+        app.send_task(
+            notice.task,
+            kwargs={"apply_id": notice.apply_id, "state": notice.state, "error": notice.error},
+            queue=notice.queue,
+        )
+    except OperationalError as exc:
+        log.warning(
+            "apply %s: could not send its notification %s to %s (%s); will retry",
+            notice.apply_id,
+            notice.task,
+            notice.queue,
             exc,
         )
         return False

@@ -17,9 +17,9 @@ from storage.errors import (
     InvalidTransition,
     RowNotFound,
 )
-from tasks import runtime, service
+from tasks import notify, runtime, service
 from tasks.app import app
-from tasks.dispatcher import send_run
+from tasks.dispatcher import send_notification, send_run
 from tasks.engines import make_engine
 from tasks.github.effects import github_effects
 from tasks.heartbeat import Heartbeat
@@ -44,12 +44,22 @@ def submit_apply(self: Any, **payload: Any) -> dict[str, int]:
 
 @app.task(name="leasehold.control_apply", throws=EXPECTED)
 def control_apply(apply_id: Any, action: Any, requested_by: Any = None) -> dict[str, Any]:
-    return service.control_apply(runtime.database(), apply_id, action, requested_by, send_run)
+    return service.control_apply(
+        runtime.database(), apply_id, action, requested_by, send_run, send_notification
+    )
+
+
+@app.task(name="leasehold.get_apply", throws=EXPECTED)
+def get_apply(apply_id: Any) -> dict[str, Any]:
+    """Read-only: how an apply is doing, for callers that enqueued it."""
+    return service.get_apply(runtime.database(), apply_id)
 
 
 @app.task(name="leasehold.reclaim_stale_applies")
 def reclaim_stale_applies() -> int:
-    return service.reclaim_stale(runtime.database(), runtime.settings(), send_run)
+    return service.reclaim_stale(
+        runtime.database(), runtime.settings(), send_run, send_notification
+    )
 
 
 class _FlowerReporter:
@@ -131,6 +141,8 @@ def run_apply(self: Any, apply_id: Any, lease: Any) -> dict[str, Any]:
     for lease in (outcome.lease, outcome.successor):
         if lease is not None:
             send_run(lease)
+    if outcome.state.terminal:
+        notify.deliver(db, send_notification, [apply_id])
     return {
         "apply_id": apply_id,
         "epoch": held.epoch,

@@ -13,6 +13,7 @@ from typing import Any, Final
 
 from storage.applies import NewApply, NewTask
 from storage.errors import InvalidInput
+from storage.notifications import Notify
 from tasks.engines import engine_class
 
 MAX_PAYLOAD_BYTES: Final = 256 * 1024
@@ -30,9 +31,14 @@ _FIELDS: Final = frozenset(
         "pull_request",
         "head_sha",
         "request_id",
+        "notify",
     }
 )
 _TASK_FIELDS: Final = frozenset({"table", "ddl", "options"})
+_NOTIFY_FIELDS: Final = frozenset({"task", "queue"})
+# Celery task names and queue names as other apps write them.
+_TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,199}")
+_QUEUE = re.compile(r"[A-Za-z0-9_.:\-]{1,200}")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
 _ENVIRONMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}")  # applies.environment is 64 wide
 _TABLE = re.compile(r"[A-Za-z0-9_$][A-Za-z0-9_$.\-]{0,127}")
@@ -94,7 +100,27 @@ def parse_submission(payload: Mapping[str, Any], *, targets: Mapping[str, str]) 
         pull_request=pull_request,
         head_sha=head_sha,
         request_id=_optional_string(payload, "request_id", _REQUEST_ID),
+        notify=_notify(payload.get("notify")),
     )
+
+
+def _notify(raw: object) -> Notify | None:
+    """``notify: {"task": ..., "queue": ...}``: what to send the caller when the apply ends. The
+    queue is required: sent without one, the task would go to leasehold's own queue, where no
+    worker knows it."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping) or set(raw) != _NOTIFY_FIELDS:
+        keys = sorted(map(str, raw)) if isinstance(raw, Mapping) else type(raw).__name__
+        raise InvalidInput(f"notify must be an object with keys task and queue, not {keys}")
+    task, queue = raw["task"], raw["queue"]
+    if not isinstance(task, str) or not _TASK_NAME.fullmatch(task):
+        raise InvalidInput(f"notify.task must be a Celery task name, not {str(task)[:40]!r}")
+    if task.startswith("leasehold."):
+        raise InvalidInput(f"notify.task {task!r} is leasehold's own: name a task of yours")
+    if not isinstance(queue, str) or not _QUEUE.fullmatch(queue):
+        raise InvalidInput(f"notify.queue must be a queue name, not {str(queue)[:40]!r}")
+    return Notify(task, queue)
 
 
 def _task(index: int, raw: object, engine: Any) -> NewTask:

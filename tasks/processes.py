@@ -105,10 +105,11 @@ def worker(
     cwd: Path | None = None,
     logfile: Path | None = None,
     apply_slots: int | None = None,
+    queues: Sequence[str] | None = None,
     loglevel: str = "info",
 ) -> CeleryProcess:
     """A plain ``celery -A tasks worker``: apply slots and control pool as configured
-    (``apply_slots`` overrides ``LEASEHOLD_WORKER_CONCURRENCY``)."""
+    (``apply_slots`` overrides ``LEASEHOLD_WORKER_CONCURRENCY``); ``queues``: ``-Q``."""
     argv = celery_argv(
         "worker",
         "--loglevel",
@@ -117,6 +118,7 @@ def worker(
         f"{name}@%h",
         "--without-mingle",
         "--without-gossip",
+        *(["--queues", ",".join(queues)] if queues else []),
     )
     if apply_slots is not None:
         env = {

@@ -12,10 +12,11 @@ from typing import Any
 import leases
 from leases import Lease, dispatch_waiting, reclaim
 from leases.control import settle_unowned
-from storage import control
+from storage import applies, control, marks, notifications
 from storage.engine import Database
 from storage.errors import InvalidInput
-from storage.states import ControlAction
+from storage.states import ApplyState, ControlAction
+from tasks import notify as notifier
 from tasks.payload import parse_submission
 from tasks.settings import Settings
 
@@ -37,9 +38,16 @@ def submit(db: Database, settings: Settings, payload: Mapping[str, Any], send: S
 
 
 def control_apply(
-    db: Database, apply_id: object, action: object, requested_by: object, send: Send
+    db: Database,
+    apply_id: object,
+    action: object,
+    requested_by: object,
+    send: Send,
+    notify: notifier.Send | None = None,
 ) -> dict[str, Any]:
-    """Record a control request and carry it out now if the apply has no owner."""
+    """Record a control request and carry it out now if the apply has no owner. A cancel that
+    ends the apply delivers its completion notification with ``notify`` (without one, the next
+    reclaim pass does)."""
     apply_id = require_id(apply_id)
     if not isinstance(action, str) or action not in set(ControlAction):
         raise InvalidInput(f"action must be one of stop, resume, cancel; not {action!r}")
@@ -52,6 +60,8 @@ def control_apply(
     for lease in (settled.lease, settled.successor):
         if lease is not None:
             send(lease)
+    if notify is not None and settled.apply_state.terminal:
+        notifier.deliver(db, notify, [apply_id])
     return {
         "apply_id": apply_id,
         "action": str(action),
@@ -62,16 +72,52 @@ def control_apply(
     }
 
 
-def reclaim_stale(db: Database, settings: Settings, send: Send) -> int:
+def reclaim_stale(
+    db: Database, settings: Settings, send: Send, notify: notifier.Send | None = None
+) -> int:
     """One reclaim pass; dispatches each reclaimed apply after its batch committed. Then the
-    waiting head of every line that has one (after an apply failed as abandoned)."""
+    waiting head of every line that has one (after an apply failed as abandoned), and every
+    completion notification still owed. Records the pass (``leasehold doctor`` reads its age)."""
     reclaimed = reclaim(db, settings.reclaim_policy)
     for item in reclaimed:
         if item.lease is not None:
             send(item.lease)
     for lease in dispatch_waiting(db):
         send(lease)
+    if notify is not None:
+        notifier.deliver(db, notify)
+    marks.touch(db, marks.RECLAIM_PASS, detail=f"{len(reclaimed)} rotated")
     return len(reclaimed)
+
+
+def get_apply(db: Database, apply_id: object) -> dict[str, Any]:
+    """An apply as callers see it (JSON): its state, lease epoch, place in line while it waits,
+    each apply task's progress, and its completion notification. Reads only."""
+    apply_id = require_id(apply_id)
+    row = applies.get(db, apply_id)
+    state = ApplyState(row["state"])
+    place = None if state.terminal else applies.place(db, apply_id)
+    notice = notifications.get(db, apply_id)
+    age = row["heartbeat_age"]
+    return {
+        "apply_id": apply_id,
+        "state": str(state),
+        "error": row["error"],
+        "epoch": int(row["lease_epoch"]),
+        "reclaim_count": int(row["reclaim_count"]),
+        "database": row["database_name"],
+        "environment": row["environment"],
+        "position": None if place is None else place.position,
+        "waiting_behind": None if place is None else place.head.apply_id,
+        "heartbeat_age": None if age is None or state.terminal else round(float(age), 3),
+        "tasks": [
+            {"table": t["table_name"], "state": t["state"], "progress": int(t["progress"])}
+            for t in applies.tasks(db, apply_id)
+        ],
+        "notification": None
+        if notice is None
+        else {"task": notice.task, "queue": notice.queue, "sent": notice.sent_at is not None},
+    }
 
 
 def require_id(value: object, name: str = "apply_id") -> int:

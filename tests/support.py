@@ -15,6 +15,7 @@ from storage.tables import metadata
 
 # Children first, so that foreign keys never block a wipe.
 TABLES = [
+    "notifications",
     "control_requests",
     "checks",
     "apply_comments",
@@ -75,6 +76,18 @@ def age_heartbeat(db: Database, apply_id: int, seconds: float) -> None:
         value = text(f"NOW(6) - INTERVAL {int(seconds * 1_000_000)} MICROSECOND")
     with db.transaction() as conn:
         conn.execute(update(applies).where(applies.c.id == apply_id).values(heartbeat_at=value))
+
+
+def age_mark(db: Database, name: str, seconds: float | None) -> None:
+    """Move a mark ``seconds`` into the past by the database clock; None: it never ran."""
+    marks = metadata.tables["marks"]
+    value: Any = None
+    if seconds is not None and db.is_sqlite:
+        value = text(f"strftime('%Y-%m-%d %H:%M:%f000', 'now', '-{float(seconds)} seconds')")
+    elif seconds is not None:
+        value = text(f"NOW(6) - INTERVAL {int(seconds * 1_000_000)} MICROSECOND")
+    with db.transaction() as conn:
+        conn.execute(update(marks).where(marks.c.name == name).values(at=value))
 
 
 def set_state(db: Database, apply_id: int, state: str) -> None:

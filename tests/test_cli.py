@@ -3,6 +3,7 @@ LEASEHOLD_DATABASE_URL in its environment."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from leases import hand_back
 from storage import applies, open_database
 from storage.engine import Database
 from storage.migrate import head_revision
+from tasks import service
 from tests import support
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,3 +152,80 @@ def test_migrate_refuses_a_foreign_database(tmp_path: Path) -> None:
             assert conn.execute(text("SELECT total FROM invoices")).scalar_one() == 99
     finally:
         foreign.dispose()
+
+
+@pytest.mark.parametrize("command", [["status"], ["status", "1"], ["logs", "1"], ["stop", "1"]])
+def test_an_unmigrated_store_is_one_line_that_says_what_to_do(
+    tmp_path: Path, command: list[str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'never-migrated.sqlite3'}"
+    line = one_error_line(leasehold(*command, url=url, cwd=tmp_path))
+    assert line == (
+        f"leasehold: the store {url} is not migrated: this leasehold needs revision "
+        f"{head_revision()}: run `leasehold migrate`"
+    )
+
+
+def test_a_store_behind_or_ahead_is_named_so(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.sqlite3'}"
+    assert leasehold("migrate", url=url, cwd=tmp_path).returncode == 0
+    db = open_database(url)
+    try:
+        with db.transaction() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = '0001'"))
+        behind = one_error_line(leasehold("status", url=url, cwd=tmp_path))
+        assert f"is at revision 0001, this leasehold needs {head_revision()}" in behind
+        assert behind.endswith("run `leasehold migrate`")
+        with db.transaction() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = 'ffff0000ffff'"))
+        ahead = one_error_line(leasehold("status", url=url, cwd=tmp_path))
+        assert "is at revision ffff0000ffff, which this leasehold does not know" in ahead
+    finally:
+        db.dispose()
+
+
+def test_the_cli_stops_quietly_when_its_reader_goes_away(db: Database, tmp_path: Path) -> None:
+    """`leasehold logs 7 | head -4`: no BrokenPipeError traceback, exit 0."""
+    lease = support.running_lease(db)
+    with db.transaction() as conn:
+        for i in range(3000):
+            conn.execute(
+                text(
+                    "INSERT INTO apply_logs (apply_id, lease_epoch, level, event, message, "
+                    "created_at) VALUES (:a, :e, 'info', 'filler', :m, CURRENT_TIMESTAMP)"
+                ),
+                {"a": lease.apply_id, "e": lease.epoch, "m": f"line {i} " + "x" * 100},
+            )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEASEHOLD_")}
+    env["LEASEHOLD_DATABASE_URL"] = str(db.engine.url.render_as_string(hide_password=False))
+    proc = subprocess.Popen(
+        [*COMMAND, "logs", str(lease.apply_id)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    with proc.stdout, proc.stderr:
+        first = [proc.stdout.readline() for _ in range(4)]  # what `head -4` reads; it exits
+        proc.stdout.close()
+        assert all(first)
+        assert proc.wait(timeout=60) == 0
+        assert proc.stderr.read().decode() == ""
+
+
+def test_status_json_is_what_get_apply_gives(
+    db: Database, backend_url: str, tmp_path: Path
+) -> None:
+    lease = support.running_lease(db)
+    done = leasehold("status", str(lease.apply_id), "--json", url=backend_url, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    view = json.loads(done.stdout)
+    expected = service.get_apply(db, lease.apply_id)
+    view.pop("heartbeat_age")
+    expected.pop("heartbeat_age")
+    assert view == expected
+    assert lease.token not in done.stdout
+    refused = leasehold("status", "--json", url=backend_url, cwd=tmp_path)
+    assert one_error_line(refused) == "leasehold: --json shows one apply: give its id"

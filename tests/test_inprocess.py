@@ -292,3 +292,22 @@ def test_control_of_an_apply_without_owner(db: Database) -> None:
     before = support.snapshot(db)
     assert outcome_of(run(outstanding))["outcome"] == "not_redeemed"
     assert support.snapshot(db) == before
+
+
+def test_get_apply_by_name_reads_and_refuses_bad_ids(db: Database) -> None:
+    apply_id = outcome_of(send(SUBMIT, **payload(0.05)))["apply_id"]
+    wait_state(db, apply_id, "completed")
+    before = support.snapshot(db)
+    view = outcome_of(send("leasehold.get_apply", apply_id=apply_id))
+    assert (view["apply_id"], view["state"], view["epoch"]) == (apply_id, "completed", 2)
+    assert view["tasks"] == [{"table": "t0", "state": "completed", "progress": 100}]
+    for kwargs, fragment in (
+        ({"apply_id": 987654}, "apply 987654 does not exist"),
+        ({"apply_id": "1"}, "apply_id must be a positive integer"),
+        ({"apply_id": 1, "extra": 2}, "unexpected keyword"),
+    ):
+        result = send("leasehold.get_apply", **kwargs)
+        error = outcome_of(result, propagate=False)
+        assert result.state == "FAILURE"
+        assert fragment in str(error)
+    assert support.snapshot(db) == before

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -190,7 +190,12 @@ class Cluster:
         return folder / f"{name}.log"
 
     def workers(
-        self, count: int, *, apply_slots: int = 2, env: Mapping[str, str] | None = None
+        self,
+        count: int,
+        *,
+        apply_slots: int = 2,
+        env: Mapping[str, str] | None = None,
+        queues: Sequence[str] | None = None,
     ) -> list[CeleryProcess]:
         """Start ``count`` workers for this test (in parallel) and wait until they are ready;
         ``env`` overrides some of the stack's settings for them."""
@@ -205,6 +210,7 @@ class Cluster:
                         cwd=self.stack.folder,
                         logfile=self._logfile(name),
                         apply_slots=apply_slots,
+                        queues=queues,
                     )
                 )
             )

@@ -1,0 +1,34 @@
+"""Marks: when each background duty last ran, by the database clock. Every reclaim pass touches
+``reclaim_pass``; ``leasehold doctor`` reads its age to tell whether a beat is alive."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from storage import statements
+from storage.engine import Database
+from storage.errors import RowNotFound
+
+RECLAIM_PASS = "reclaim_pass"
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    at: datetime | None  # None: never ran
+    age: float | None  # seconds ago, by the database clock
+    detail: str | None
+
+
+def touch(db: Database, name: str, *, detail: str | None = None) -> None:
+    with db.transaction() as conn:
+        if conn.execute(statements.touch_mark(name, detail=detail)).rowcount != 1:
+            raise RowNotFound(f"no mark {name!r}: is the store migrated?")
+
+
+def read(db: Database, name: str) -> Mark:
+    with db.transaction() as conn:
+        row = conn.execute(statements.mark_row(name)).one_or_none()
+    if row is None:
+        raise RowNotFound(f"no mark {name!r}: is the store migrated?")
+    return Mark(row.at, None if row.age is None else float(row.age), row.detail)
