@@ -166,3 +166,15 @@ def test_a_healthy_store_and_routing_say_ok(
     assert topics["routing"] == ["ok no leasehold message waits in queue 'celery'"]
     assert topics["applies"] == ["ok 1 running, 0 dispatched: none past its staleness"]
     assert topics["config"][0].startswith("ok heartbeat 5s, stale_after 30s")
+
+
+def test_a_heartbeat_too_close_to_stale_after_is_said(
+    migrated: tuple[dict[str, str], Database], tmp_path: Path
+) -> None:
+    env, _ = migrated
+    env["LEASEHOLD_HEARTBEAT_INTERVAL"] = "20"  # accepted (< 30 s), but one slow beat and gone
+    _, topics = doctor(env, tmp_path)
+    assert any(
+        line.startswith("warn LEASEHOLD_HEARTBEAT_INTERVAL (20s) leaves fewer than two")
+        for line in topics["config"]
+    ), topics["config"]
