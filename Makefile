@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test lint typecheck pytest bench clean
+.PHONY: run test lint typecheck pytest test-unit test-contract test-e2e bench clean
 
 ## run: the main job on the embedded default (SQLite + filesystem broker): `leasehold demo`
 run: $(STAMP)
@@ -22,6 +22,16 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## the layers alone: no server; every store (SQLite, MariaDB); real processes (workers, beat)
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+test-contract: $(STAMP)
+	$(BIN)/python -m pytest tests/contract $(PYTEST_ARGS)
+
+test-e2e: $(STAMP)
+	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/fence_overhead.py

@@ -94,7 +94,7 @@ def _by_primary_key(stmt: Update) -> Update:
     costs a range scan of ``ix_applies_state_heartbeat_at`` as cheap as the primary key. That scan
     locks the index entry before the row: a heartbeat waiting for a fenced row then holds the
     entry the fence's own rotation needs, and InnoDB breaks the cycle with a deadlock error (under
-    READ COMMITTED and REPEATABLE READ; tests/test_races.py). SQLite ignores the hint.
+    READ COMMITTED and REPEATABLE READ; tests/contract/test_races.py). SQLite ignores the hint.
     """
     for dialect in ("mysql", "mariadb"):
         stmt = stmt.with_hint("FORCE INDEX (PRIMARY)", dialect_name=dialect)

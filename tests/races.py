@@ -1,5 +1,5 @@
 """Machinery of the race tests: threads whose outcome a test inspects, and proof that one
-connection waits for another's open transaction (see ``tests/test_races.py`` for the method).
+connection waits for another's open transaction (``tests/contract/test_races.py`` explains).
 
 - MySQL/MariaDB: ``SHOW ENGINE INNODB STATUS`` shows the acting connection's transaction in
   ``LOCK WAIT`` for a lock on a given table of the test database while the holder's is open.

@@ -1,7 +1,7 @@
 """``leasehold doctor`` with real worker and beat processes (issue 8): a healthy deployment is all
 ok; a fleet whose workers serve only the control queue fails; a fleet whose apply slots are all
 busy is said to be busy, not failed (its workers stop consuming the apply queue meanwhile). The
-broken set-ups that need no process are in ``tests/test_doctor.py``.
+broken set-ups that need no process are in ``tests/contract/test_doctor.py``.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from tasks.github import render
 from tasks.github.standin import GitHubStandIn
 from tests import support
 from tests.celery_fixtures import run_lease
-from tests.test_github_effects import (
+from tests.contract.test_github_effects import (
     COMMENT,
     COMMENTS,
     Background,
@@ -40,7 +40,7 @@ from tests.test_github_effects import (
     the_comment,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # One reclaim pass in a process of its own: prints "ready" once its imports are done, then the
 # applies it rotated as JSON [[apply_id, previous_epoch, new_epoch], ...].
 RECLAIM = """

@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import unavailable
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # Built from a copy: setuptools writes build/ and *.egg-info into the tree it builds, and a stale
 # build/lib left there would go into the next wheel; none of this is the project's.
 NOT_SOURCE = shutil.ignore_patterns(

@@ -47,7 +47,7 @@ from tests import support
 from tests.celery_fixtures import unreachable, wait_until
 from tests.conftest import scratch_mysql_database
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(params=["sqlite", "mysql"])
