@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 
 from leases import Lease, dispatch, redeem
 from storage import applies as applies_repo
-from storage.engine import Database, open_database
+from storage.database import Database, open_database
 from storage.migrate import upgrade
 
 # The server, not a database: each run creates (and drops) a database of its own there.

@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from storage.engine import Database, open_database
+from storage.database import Database, open_database
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import _common

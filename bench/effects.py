@@ -44,12 +44,12 @@ from pathlib import Path
 
 from leases import Lease, fence
 from storage import fenced
-from storage.engine import Database, open_database
+from storage.database import Database, open_database
 from tasks.github import render
 from tasks.github.client import GitHubClient, GitHubConfig
 from tasks.github.publisher import Publisher
-from tasks.github.standin import GitHubStandIn
 from tasks.interrupts import Interrupts
+from tasks.testing.standin import GitHubStandIn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import _common

@@ -2,11 +2,11 @@
 the heartbeat is ``stale_after`` old), and after a warm shutdown (SIGTERM: the worker hands it back
 at a safe point).
 
-Real processes throughout (``tasks.processes``): one ``celery beat`` and two ``celery worker``
-processes, ``bench-a`` and ``bench-b``, on Redis + MariaDB by default (a scratch database, migrated
-and dropped at the end; the Redis database of ``--redis-url``, default 13, is emptied before and
-after) or on the embedded default (``--stack embedded``: SQLite + the ``filesystem://`` broker in a
-temporary folder). One run:
+Real processes throughout (``tasks.testing.processes``): one ``celery beat`` and two ``celery
+worker`` processes, ``bench-a`` and ``bench-b``, on Redis + MariaDB by default (a scratch database,
+migrated and dropped at the end; the Redis database of ``--redis-url``, default 13, is emptied
+before and after) or on the embedded default (``--stack embedded``: SQLite + the ``filesystem://``
+broker in a temporary folder). One run:
 
 1. submit a ``sleep``-engine apply (``send_task("leasehold.submit_apply")``, as another app would),
    one task of 600 s, and wait until a worker redeemed it and its apply task is running; the worker
@@ -55,10 +55,10 @@ from typing import Any, TypeVar
 from sqlalchemy import select
 
 from storage import clock
-from storage.engine import Database, open_database, redact
+from storage.database import Database, open_database, redact
 from storage.migrate import upgrade
 from storage.tables import applies, apply_logs, apply_tasks
-from tasks.processes import CeleryProcess, beat, worker
+from tasks.testing.processes import CeleryProcess, beat, worker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import _common

@@ -35,7 +35,7 @@ from sqlalchemy import Connection, Insert, Update, event, insert, literal, selec
 import leases
 from leases import Lease, LeaseLost
 from storage import clock, fenced, statements
-from storage.engine import Database, open_database
+from storage.database import Database, open_database
 from storage.states import ApplyState
 from storage.tables import applies, apply_logs, apply_tasks
 

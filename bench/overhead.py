@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from storage.engine import Database, open_database
+from storage.database import Database, open_database
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import _common

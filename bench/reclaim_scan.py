@@ -36,7 +36,7 @@ from sqlalchemy.dialects import mysql, sqlite
 
 from leases import ReclaimPolicy, reclaim
 from storage import clock, statements
-from storage.engine import Database, open_database
+from storage.database import Database, open_database
 from storage.states import ApplyState
 from storage.tables import applies
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from leases.lease import Lease, mint_token
 from storage import control, leasing, lines
 from storage.control import ControlRequest
-from storage.engine import Database
+from storage.database import Database
 from storage.states import ApplyState, ControlAction, ControlState
 
 _STOPPABLE = frozenset({ApplyState.PENDING, ApplyState.QUEUED, ApplyState.DISPATCHED})

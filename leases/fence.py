@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from leases.lease import Lease
-from storage.engine import Database
+from storage.database import Database
 from storage.fenced import Fenced, fenced_transaction
 
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 from leases.lease import Lease, mint_token
 from storage import leasing, lines
-from storage.engine import Database
+from storage.database import Database
 from storage.errors import InvalidTransition
 from storage.states import ApplyState
 

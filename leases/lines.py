@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from leases.lease import Lease, mint_token
 from storage import applies, lines
 from storage.applies import NewApply
-from storage.engine import Database
+from storage.database import Database
 from storage.lines import Line, Promoted
 from storage.states import WAITING_STATES
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from leases.lease import Lease, mint_token
 from storage import leasing
-from storage.engine import Database
+from storage.database import Database
 from storage.states import ApplyState
 
 # A batch runs at READ COMMITTED whatever the engine's level. Under REPEATABLE READ the candidate

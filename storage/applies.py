@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Connection, RowMapping
 
 from storage import leasing, lines, notifications, statements
-from storage.engine import Database
+from storage.database import Database
 from storage.errors import ApplyNotFound, StorageIntegrityError
 from storage.lines import Line, LineMissing, Place, Promoted
 from storage.notifications import Notify

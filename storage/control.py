@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection
 
 from storage import leasing, statements
-from storage.engine import Database
+from storage.database import Database
 from storage.errors import RowNotFound, StorageIntegrityError
 from storage.states import ControlAction, ControlState
 

@@ -17,7 +17,7 @@ from typing import Any, Final, final
 from sqlalchemy import Connection, RowMapping
 
 from storage import leasing, lines, statements
-from storage.engine import Database
+from storage.database import Database
 from storage.errors import FenceClosed, InvalidInput, RowNotFound
 from storage.lines import Line, Promoted
 from storage.states import ApplyState, ControlState, TaskState

@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import Connection, Row
 
 from storage import leasing, statements
-from storage.engine import Database
+from storage.database import Database
 from storage.errors import ApplyNotFound, RowNotFound
 from storage.leasing import LeaseRow
 from storage.states import WAITING_STATES, ApplyState

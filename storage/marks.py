@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from storage import statements
-from storage.engine import Database
+from storage.database import Database
 from storage.errors import RowNotFound
 
 RECLAIM_PASS = "reclaim_pass"

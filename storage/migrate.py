@@ -21,7 +21,7 @@ from alembic.util import CommandError
 from sqlalchemy import Connection, inspect, text
 from sqlalchemy import exc as sa_exc
 
-from storage.engine import Database, classify, redact, translate_errors
+from storage.database import Database, classify, redact, translate_errors
 from storage.errors import ConfigurationError, SchemaError, StorageBusy, StorageUnavailable
 from storage.tables import metadata
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, RowMapping
 
 from storage import statements
-from storage.engine import Database
+from storage.database import Database
 
 # How long a claim keeps other senders away: far longer than one send to a broker takes.
 CLAIM_EXPIRY = 60.0

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from storage import applies, migrate
-from storage.engine import Database, open_database, redact
+from storage.database import Database, open_database, redact
 from storage.errors import InvalidInput, LeaseholdError
 from storage.states import ApplyState
 
@@ -209,7 +209,7 @@ def _control(db: Database, args: argparse.Namespace) -> int:
 
 
 def _run(db: Database, args: argparse.Namespace) -> int:
-    from tasks.processes import run_foreground
+    from tasks.testing.processes import run_foreground
 
     migrate.upgrade(db)
     return run_foreground(workers=args.workers, flower=not args.no_flower)

@@ -23,10 +23,10 @@ from typing import Any
 import tasks
 from leases import Lease, LeaseLost, fence
 from storage import applies, fenced, open_database
-from storage.engine import Database
+from storage.database import Database
 from tasks.github import render
-from tasks.github.standin import GitHubStandIn
-from tasks.processes import beat, worker
+from tasks.testing.processes import beat, worker
+from tasks.testing.standin import GitHubStandIn
 
 # The demo's own apply, not a copy read from examples/apply.json: the wheel carries no examples,
 # and the scenario is timed on these durations (worker-a is killed 30% into the second 3 s task,

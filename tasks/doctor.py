@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from storage import applies, marks, migrate
-from storage.engine import Database, redact
+from storage.database import Database, redact
 from storage.errors import LeaseholdError, StorageError, StorageUnavailable
 from tasks.settings import Settings
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from leases import Lease, heartbeat
 from storage import control
-from storage.engine import Database
+from storage.database import Database
 from storage.errors import LeaseLost, StorageError
 from storage.states import ControlAction
 from tasks.interrupts import Interrupts, Reason

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 from storage import notifications
-from storage.engine import Database
+from storage.database import Database
 from storage.notifications import Notice
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from typing import Any, Protocol, TypeVar
 
 from leases import Lease, fence, mint_token
 from storage import applies, control, fenced
-from storage.engine import Database
+from storage.database import Database
 from storage.errors import LeaseLost, StorageBusy, StorageError, StorageUnavailable
 from storage.fenced import Fenced
 from storage.states import ApplyState, ControlState, TaskState

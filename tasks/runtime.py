@@ -13,7 +13,7 @@ from typing import Any
 from celery.signals import beat_init, worker_init, worker_process_init, worker_shutting_down
 
 from storage import migrate
-from storage.engine import Database, open_database
+from storage.database import Database, open_database
 from storage.errors import SchemaError, StorageUnavailable
 from tasks.app import app
 from tasks.interrupts import Interrupts, Reason

@@ -13,7 +13,7 @@ import leases
 from leases import Lease, dispatch_waiting, reclaim
 from leases.control import settle_unowned
 from storage import applies, control, marks, notifications
-from storage.engine import Database
+from storage.database import Database
 from storage.errors import InvalidInput
 from storage.states import ApplyState, ControlAction
 from tasks import notify as notifier

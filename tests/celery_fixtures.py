@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from leases import Lease, dispatch, redeem
 from storage import applies, open_database
 from storage.applies import NewApply, NewTask
-from storage.engine import Database
+from storage.database import Database
 from tests.support import new_database
 
 T = TypeVar("T")

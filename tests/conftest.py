@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from storage import open_database
-from storage.engine import Database
+from storage.database import Database
 from storage.migrate import upgrade
 from tests import races, support
 

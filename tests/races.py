@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 import pytest
 from sqlalchemy import Connection, event, text
 
-from storage.engine import Database
+from storage.database import Database
 
 T = TypeVar("T")
 

@@ -10,7 +10,7 @@ from sqlalchemy import select, text, update
 
 from leases import Lease, dispatch, redeem
 from storage import applies as applies_repo
-from storage.engine import Database
+from storage.database import Database
 from storage.tables import metadata
 
 # Children first, so that foreign keys never block a wipe.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from storage.engine import open_database
+from storage.database import open_database
 from storage.tables import metadata
 
 config = context.config

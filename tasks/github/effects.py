@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from leases import Lease
-from storage.engine import Database
+from storage.database import Database
 from tasks.github.client import GitHubClient, GitHubConfig
 from tasks.github.publisher import Effects, NoEffects, Publisher
 from tasks.interrupts import Interrupts

@@ -23,7 +23,7 @@ from typing import Final, Protocol
 
 from leases import Lease, fence
 from storage import fenced
-from storage.engine import Database
+from storage.database import Database
 from storage.errors import StorageBusy, StorageUnavailable
 from storage.fenced import Fenced
 from storage.states import ApplyState

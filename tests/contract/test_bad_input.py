@@ -25,7 +25,7 @@ from leases import (
     release,
 )
 from storage import fenced, open_database
-from storage.engine import Database, database_url, default_url, redact
+from storage.database import Database, database_url, default_url, redact
 from storage.errors import ConfigurationError, InvalidInput, LeaseholdError, StorageError
 from tests import support
 

@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from leases import hand_back
 from storage import applies, open_database
-from storage.engine import Database
+from storage.database import Database
 from storage.migrate import head_revision
 from tasks import service
 from tests import support

@@ -18,7 +18,7 @@ import pytest
 
 from leases import Lease, LeaseLost, fence, redeem
 from storage import fenced, open_database
-from storage.engine import Database
+from storage.database import Database
 from storage.migrate import upgrade
 from storage.states import TaskState
 from tests import support

@@ -11,7 +11,7 @@ import pytest
 from leases import Lease, LeaseLost, dispatch, fence, redeem, release
 from leases.control import settle_unowned
 from storage import applies, control, fenced
-from storage.engine import Database
+from storage.database import Database
 from storage.errors import ApplyNotFound, InvalidInput
 from storage.states import ApplyState, ControlAction, ControlState, TaskState
 from tasks import service

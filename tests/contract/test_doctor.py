@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from storage import marks, open_database
-from storage.engine import Database
+from storage.database import Database
 from storage.migrate import head_revision, upgrade
 from tests import support
 from tests.e2e.helpers import client_app

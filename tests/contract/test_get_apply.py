@@ -10,7 +10,7 @@ import pytest
 import leases
 from leases import redeem
 from storage.applies import NewApply, NewTask
-from storage.engine import Database
+from storage.database import Database
 from storage.errors import ApplyNotFound, InvalidInput
 from tasks import service
 from tasks.engines.sleep import SleepEngine

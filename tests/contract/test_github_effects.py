@@ -25,7 +25,7 @@ from sqlalchemy import RowMapping, select
 from leases import Lease, LeaseLost, hand_back, redeem
 from storage import applies, open_database
 from storage.applies import NewApply, NewTask
-from storage.engine import Database
+from storage.database import Database
 from storage.states import ApplyState
 from storage.tables import apply_comments, checks
 from tasks.engines.sleep import SleepEngine
@@ -33,11 +33,11 @@ from tasks.github import render
 from tasks.github.client import GitHubClient, GitHubConfig
 from tasks.github.effects import github_effects
 from tasks.github.publisher import NoEffects, Publisher
-from tasks.github.standin import GitHubStandIn, RecordedRequest
 from tasks.heartbeat import Heartbeat
 from tasks.interrupts import Interrupts, Reason
 from tasks.runner import ApplyRunner, Outcome
 from tasks.settings import Settings
+from tasks.testing.standin import GitHubStandIn, RecordedRequest
 from tests import support
 from tests.celery_fixtures import FakeClock, RecordingReporter, Report, run_lease, wait_until
 

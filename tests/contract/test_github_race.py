@@ -24,9 +24,9 @@ import pytest
 
 from leases import LeaseLost, fence
 from storage import applies, fenced
-from storage.engine import Database
+from storage.database import Database
 from tasks.github import render
-from tasks.github.standin import GitHubStandIn
+from tasks.testing.standin import GitHubStandIn
 from tests import support
 from tests.celery_fixtures import run_lease
 from tests.contract.test_github_effects import (

@@ -11,7 +11,7 @@ import pytest
 
 from leases import Lease, LeaseLost, hand_back, heartbeat, release
 from storage import applies, control
-from storage.engine import Database
+from storage.database import Database
 from storage.errors import StorageUnavailable
 from storage.states import ApplyState, ControlAction
 from tasks.heartbeat import Heartbeat

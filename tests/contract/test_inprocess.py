@@ -15,7 +15,7 @@ from celery.result import AsyncResult
 
 from leases import Lease, dispatch, hand_back, mint_token, redeem
 from storage import applies, control, open_database
-from storage.engine import Database
+from storage.database import Database
 from storage.states import ControlState
 from tasks import runtime
 from tasks.app import app

@@ -19,7 +19,7 @@ from leases import (
     mint_token,
     redeem,
 )
-from storage.engine import Database
+from storage.database import Database
 from tests import support
 
 TOKEN = "0123456789abcdef0123456789abcdef"

@@ -28,7 +28,7 @@ from leases import (
 )
 from storage import applies as applies_repo
 from storage import fenced, open_database
-from storage.engine import Database
+from storage.database import Database
 from storage.errors import StorageError, StorageUnavailable
 from storage.states import ApplyState
 from storage.tables import apply_logs

@@ -20,7 +20,7 @@ import leases
 from leases import Lease, LeaseLost, Submitted, fence, mint_token, redeem
 from storage import applies, control, fenced, lines
 from storage.applies import NewApply, NewTask
-from storage.engine import Database
+from storage.database import Database
 from storage.lines import Line
 from storage.states import ApplyState, ControlState
 from tasks import service

@@ -14,7 +14,7 @@ from leases import Lease, LeaseLost, fence, mint_token, redeem
 from leases.control import settle_unowned
 from storage import applies, control, fenced
 from storage.applies import NewApply, NewTask
-from storage.engine import Database
+from storage.database import Database
 from storage.errors import InvalidTransition
 from storage.states import ApplyState, ControlAction, ControlState
 from tasks import service

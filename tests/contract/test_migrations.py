@@ -26,7 +26,7 @@ from sqlalchemy import Connection, event, inspect, text
 from sqlalchemy.engine import make_url
 
 from storage import open_database
-from storage.engine import Database, redact
+from storage.database import Database, redact
 from storage.errors import (
     ConfigurationError,
     SchemaError,

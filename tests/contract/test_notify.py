@@ -18,7 +18,7 @@ import leases
 from leases import redeem
 from storage import applies, notifications
 from storage.applies import NewApply, NewTask
-from storage.engine import Database
+from storage.database import Database
 from storage.errors import InvalidInput
 from storage.notifications import Notice, Notify
 from storage.tables import metadata

@@ -27,7 +27,7 @@ from leases import (
 )
 from storage import applies as applies_repo
 from storage import control, fenced, open_database
-from storage.engine import Database
+from storage.database import Database
 from storage.errors import FenceClosed, LeaseholdError, RowNotFound
 from storage.fenced import Fenced
 from storage.states import ApplyState, ControlState, TaskState

@@ -34,7 +34,7 @@ import leases
 from leases import Lease, LeaseLost, Reclaimed, ReclaimPolicy, mint_token
 from storage import applies as applies_repo
 from storage import fenced, leasing, statements
-from storage.engine import Database
+from storage.database import Database
 from storage.states import ApplyState
 from storage.tables import applies, apply_tasks
 from tests import support

@@ -23,7 +23,7 @@ from leases import (
 )
 from storage import applies as applies_repo
 from storage import fenced
-from storage.engine import Database
+from storage.database import Database
 from storage.errors import StorageError
 from storage.states import ApplyState
 from tests import support

@@ -14,7 +14,7 @@ import pytest
 
 from leases import Lease, LeaseLost, fence, hand_back, redeem
 from storage import applies, control
-from storage.engine import Database
+from storage.database import Database
 from storage.states import ApplyState, ControlAction, ControlState
 from tasks import service
 from tasks.engines import Engine, EngineContext, TaskSpec

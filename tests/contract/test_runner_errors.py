@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from storage import applies
-from storage.engine import Database
+from storage.database import Database
 from storage.states import ApplyState
 from tasks.engines import Engine, EngineContext, TaskSpec
 from tasks.engines.mysql import MySQLEngine

@@ -18,7 +18,7 @@ from celery.result import AsyncResult
 
 from leases import dispatch
 from storage import applies, open_database
-from storage.engine import Database
+from storage.database import Database
 from tasks import runtime
 from tasks.app import app
 from tasks.slots import ApplySlots

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from storage import applies
-from storage.engine import Database
+from storage.database import Database
 from storage.errors import InvalidInput
 from storage.states import ApplyState
 from tasks import service

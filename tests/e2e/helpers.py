@@ -35,10 +35,10 @@ from sqlalchemy import RowMapping, select
 
 from leases import Lease, mint_token
 from storage import applies
-from storage.engine import Database
+from storage.database import Database
 from storage.errors import StorageError
 from storage.tables import metadata
-from tasks.processes import CeleryProcess, beat, worker
+from tasks.testing.processes import CeleryProcess, beat, worker
 from tests.support import new_database
 
 T = TypeVar("T")

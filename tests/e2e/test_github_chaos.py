@@ -35,11 +35,11 @@ from kombu.connection import Connection
 from sqlalchemy import select
 
 from storage import open_database
-from storage.engine import Database
+from storage.database import Database
 from storage.migrate import upgrade
 from storage.tables import apply_comments, checks
 from tasks.github import render
-from tasks.github.standin import GitHubStandIn
+from tasks.testing.standin import GitHubStandIn
 from tests import support
 from tests.conftest import scratch_mysql_database, unavailable
 from tests.e2e.helpers import (

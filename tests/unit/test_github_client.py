@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from tasks.github.client import GitHubClient, GitHubConfig, GitHubRejected, GitHubRetryable
-from tasks.github.standin import GitHubStandIn
+from tasks.testing.standin import GitHubStandIn
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from storage.engine import Database
+from storage.database import Database
 from storage.errors import InvalidInput
 from tasks.payload import parse_submission
 from tasks.settings import Settings

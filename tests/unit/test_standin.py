@@ -25,7 +25,7 @@ from githubkit.exception import (
 )
 from githubkit_schemas.latest.models import CheckRun, InstallationToken, IssueComment
 
-from tasks.github.standin import GitHubStandIn
+from tasks.testing.standin import GitHubStandIn
 
 OWNER, REPO, PR = "acme", "shop", 7
 SHA = "a" * 40
@@ -493,7 +493,7 @@ def test_stop_releases_held_requests(token: str) -> None:
 
 def test_standalone_cli_prints_its_url(token: str) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "tasks.github.standin", "--port", "0", "--token", token, "--quiet"],
+        [sys.executable, "-m", "tasks.testing.standin", "--port", "0", "--token", token, "--quiet"],
         stdout=subprocess.PIPE,
         text=True,
     )

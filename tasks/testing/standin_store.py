@@ -1,5 +1,5 @@
 """State behind the GitHub stand-in: issue comments and check runs with every version kept, and
-the request log. Thread-safe; the HTTP layer lives in ``tasks.github.standin``."""
+the request log. Thread-safe; the HTTP layer lives in ``tasks.testing.standin``."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from tasks.github.standin_store import ApiError
+from tasks.testing.standin_store import ApiError
 
 RateLimitKind = Literal["secondary", "primary", "429"]
 Apply = Literal["on_release", "on_arrival"]

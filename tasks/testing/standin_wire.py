@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 from urllib.parse import urlencode
 
-from tasks.github.standin_store import JSON, CheckRun, Comment
+from tasks.testing.standin_store import JSON, CheckRun, Comment
 
 
 def ts(at: datetime | None) -> str | None:

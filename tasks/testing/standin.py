@@ -1,13 +1,13 @@
 """A GitHub stand-in: a real HTTP server on 127.0.0.1 speaking the slice of GitHub's REST API
 that leasehold calls (issue comments, check runs, App installation tokens), with GitHub's paths,
 status codes and JSON shapes. It records every request, keeps every version of every comment and
-check run, and injects faults (``tasks.github.standin_faults``). Tests and ``leasehold demo``
+check run, and injects faults (``tasks.testing.standin_faults``). Tests and ``leasehold demo``
 use it.
 
     with GitHubStandIn(tokens=["t0k3n"]) as gh:
         GitHub(TokenAuthStrategy("t0k3n"), base_url=gh.url, ...)
 
-Run it by hand: ``python -m tasks.github.standin --port 0 --token X`` prints its URL.
+Run it by hand: ``python -m tasks.testing.standin --port 0 --token X`` prints its URL.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from tasks.github.standin_faults import Faults, Gate
-from tasks.github.standin_store import (
+from tasks.testing.standin_faults import Faults, Gate
+from tasks.testing.standin_store import (
     ApiError,
     CheckRun,
     Comment,
@@ -38,7 +38,7 @@ from tasks.github.standin_store import (
     Store,
     now,
 )
-from tasks.github.standin_wire import (
+from tasks.testing.standin_wire import (
     Handler,
     Server,
     comment_json,
