@@ -5,7 +5,7 @@ Two writes, as the worker makes them:
 
 - progress: an apply task's progress update
   (``with leases.fence(db, lease) as fx: storage.fenced.update_task(fx, task_id, progress=p)``
-  against ``storage.statements.update_task(...)`` in a plain ``db.transaction()``);
+  against ``storage._statements.update_task(...)`` in a plain ``db.transaction()``);
 - log: a log append (``storage.fenced.append_log`` against ``statements.append_log``).
 
 Each is also timed in the single-statement fenced shape of DESIGN.md ("The fence"): a multi-table
@@ -33,9 +33,11 @@ from typing import Any
 from sqlalchemy import Connection, Insert, Update, event, insert, literal, select, text
 
 import leases
-from leases import Lease, LeaseLost
-from storage import clock, fenced, statements
+from leases import Lease
+from storage import _statements as statements
+from storage import clock, fenced
 from storage.database import Database, open_database
+from storage.errors import LeaseLost
 from storage.states import ApplyState
 from storage.tables import applies, apply_logs, apply_tasks
 

@@ -35,7 +35,8 @@ from sqlalchemy import Connection, func, insert, select, text
 from sqlalchemy.dialects import mysql, sqlite
 
 from leases import ReclaimPolicy, reclaim
-from storage import clock, statements
+from storage import _statements as statements
+from storage import clock
 from storage.database import Database, open_database
 from storage.states import ApplyState
 from storage.tables import applies

@@ -1,30 +1,17 @@
 """Leases: the right to act for one apply, and the fence that makes every owned write check it.
 
-Knows nothing of Celery; imports only ``storage``.
+Knows nothing of Celery; imports only ``storage``. Its errors (``LeaseLost``, ...) are
+``storage.errors``, imported from there everywhere: one import path per name.
 """
 
-from leases.errors import (
-    ApplyNotFound,
-    InvalidLease,
-    InvalidTransition,
-    LeaseError,
-    LeaseholdError,
-    LeaseLost,
-)
 from leases.fence import fence
 from leases.lease import Lease, mint_token
-from leases.lifecycle import check, dispatch, hand_back, heartbeat, redeem, release
+from leases.lifecycle import check, dispatch, heartbeat, redeem
 from leases.lines import Submitted, dispatch_waiting, submit
 from leases.reclaim import Reclaimed, ReclaimPolicy, reclaim
 
 __all__ = [
-    "ApplyNotFound",
-    "InvalidLease",
-    "InvalidTransition",
     "Lease",
-    "LeaseError",
-    "LeaseLost",
-    "LeaseholdError",
     "ReclaimPolicy",
     "Reclaimed",
     "Submitted",
@@ -32,11 +19,9 @@ __all__ = [
     "dispatch",
     "dispatch_waiting",
     "fence",
-    "hand_back",
     "heartbeat",
     "mint_token",
     "reclaim",
     "redeem",
-    "release",
     "submit",
 ]

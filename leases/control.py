@@ -5,7 +5,7 @@ next safe point, completing it with a fenced write. If that owner is dead, recla
 apply to a new owner, which finds the request pending and acts on it. If the apply ends first,
 the request fails in the transaction that ends it, saying so.
 
-Everything else is settled here at once, under the apply's line lock (``storage.lines``): a stop
+Everything else is settled here at once, under the apply's line lock (``storage._lines``): a stop
 keeps the apply's place in its line (a stopped head holds the applies behind it back), a cancel
 passes the turn on, and a resume dispatches the apply if it heads its line, else queues it.
 """
@@ -15,7 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from leases.lease import Lease, mint_token
-from storage import control, leasing, lines
+from storage import _leasing as leasing
+from storage import _lines as lines
+from storage import control
 from storage.control import ControlRequest
 from storage.database import Database
 from storage.states import ApplyState, ControlAction, ControlState
@@ -77,14 +79,14 @@ def settle_unowned(db: Database, request: ControlRequest) -> Settlement:
 
         final = ControlState.FAILED if error else ControlState.COMPLETED
         # First: a rotation to a terminal state fails every request still pending.
-        control.finish_unowned(conn, apply_id, request.id, state=final, error=error)
+        control._finish_unowned(conn, apply_id, request.id, state=final, error=error)
         lease = successor = None
         if new_state is not None:
             epoch = leasing.rotate(
                 conn, row, new_token=token, to_state=new_state, event=_EVENTS[action], reason=reason
             )
             if new_state == ApplyState.CANCELLED:
-                control.cancel_unfinished_tasks(conn, apply_id, epoch=epoch)
+                control._cancel_unfinished_tasks(conn, apply_id, epoch=epoch)
                 promoted = lines.promote(conn, line, successor_token)
                 if promoted is not None:
                     successor = Lease(promoted.apply_id, promoted.epoch, successor_token)

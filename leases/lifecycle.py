@@ -1,4 +1,5 @@
-"""The lease lifecycle: dispatch, redeem, heartbeat, check, hand back, release.
+"""The lease lifecycle: dispatch, redeem, heartbeat, check. A held lease ends one way: as the last
+write of its owner's fence (``storage.fenced.end_lease``, ``storage.fenced.finish``).
 
 Every rotation is a compare-and-swap on the previous token and is logged, at the new epoch, in
 the same transaction. Heartbeats set ``heartbeat_at`` from the database clock and are fenced by
@@ -11,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from leases.lease import Lease, mint_token
-from storage import leasing, lines
+from storage import _leasing as leasing
+from storage import _lines as lines
 from storage.database import Database
 from storage.errors import InvalidTransition
 from storage.states import ApplyState
@@ -89,45 +91,3 @@ def check(db: Database, lease: Lease) -> None:
     """
     with db.transaction() as conn:
         leasing.check(conn, lease.apply_id, epoch=lease.epoch, token=lease.token)
-
-
-def hand_back(db: Database, lease: Lease, *, reason: str) -> Lease:
-    """Graceful handover: rotate the held lease to a new dispatched one, fencing any leftover
-    actor of the old epoch. The caller sends the returned lease to another worker at once."""
-    return _rotate_held(db, lease, ApplyState.DISPATCHED, event="handed_back", reason=reason)
-
-
-def release(
-    db: Database,
-    lease: Lease,
-    *,
-    to_state: ApplyState = ApplyState.STOPPED,
-    event: str = "released",
-    reason: str,
-    error: str | None = None,
-) -> int:
-    """Give up the held lease, moving the apply to ``to_state`` (stopped, or a terminal state).
-
-    The token is rotated to one nobody holds, so anything still running under the old epoch is
-    fenced. Returns the new epoch.
-    """
-    new = _rotate_held(db, lease, to_state, event=event, reason=reason, error=error)
-    return new.epoch
-
-
-def _rotate_held(
-    db: Database,
-    lease: Lease,
-    to_state: ApplyState,
-    *,
-    event: str,
-    reason: str,
-    error: str | None = None,
-) -> Lease:
-    held = leasing.LeaseRow(lease.apply_id, ApplyState.RUNNING, lease.epoch, lease.token)
-    token = mint_token()
-    with db.transaction() as conn:
-        epoch = leasing.rotate(
-            conn, held, new_token=token, to_state=to_state, event=event, reason=reason, error=error
-        )
-    return Lease(lease.apply_id, epoch, token)

@@ -13,10 +13,11 @@ import logging
 from dataclasses import dataclass
 
 from leases.lease import Lease, mint_token
-from storage import applies, lines
+from storage import _lines as lines
+from storage import applies
+from storage._lines import Line, Promoted
 from storage.applies import NewApply
 from storage.database import Database
-from storage.lines import Line, Promoted
 from storage.states import WAITING_STATES
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from leases.lease import Lease, mint_token
-from storage import leasing
+from storage import _leasing as leasing
 from storage.database import Database
 from storage.states import ApplyState
 

@@ -1,6 +1,6 @@
 """Creating applies and reading them back. Nothing here needs a lease: creation happens before
 any lease exists, and reads change nothing. A new apply is ``queued`` in its line
-(``storage.lines``); ``leases.submit`` creates and, when its line is free, dispatches it in one
+(``storage._lines``); ``leases.submit`` creates and, when its line is free, dispatches it in one
 transaction."""
 
 from __future__ import annotations
@@ -11,10 +11,13 @@ from typing import Any
 
 from sqlalchemy import Connection, RowMapping
 
-from storage import leasing, lines, notifications, statements
+from storage import _leasing as leasing
+from storage import _lines as lines
+from storage import _statements as statements
+from storage import notifications
+from storage._lines import Line, LineMissing, Place, Promoted
 from storage.database import Database
 from storage.errors import ApplyNotFound, StorageIntegrityError
-from storage.lines import Line, LineMissing, Place, Promoted
 from storage.notifications import Notify
 from storage.states import ApplyState
 
@@ -69,7 +72,7 @@ def create(db: Database, new: NewApply, *, turn_token: str | None = None) -> Cre
                 lines.lock(conn, new.line, make=False)
                 apply_id = _insert(conn, new)
                 if new.notify is not None:
-                    notifications.record(conn, apply_id, new.notify)
+                    notifications._record(conn, apply_id, new.notify)
                 if turn_token is not None:
                     promoted = lines.promote(conn, new.line, turn_token)
                 if promoted is None or promoted.apply_id != apply_id:

@@ -2,7 +2,8 @@
 
 Recording a request needs no lease. Completing one is an owned write (``storage.fenced``) when a
 running owner acts on it, or part of the state compare-and-swap made by ``leases.control`` when
-the apply has no owner.
+the apply has no owner (the connection-level ``_finish_unowned`` and ``_cancel_unfinished_tasks``,
+private to ``storage`` and ``leases``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection
 
-from storage import leasing, statements
+from storage import _leasing as leasing
+from storage import _statements as statements
 from storage.database import Database
 from storage.errors import RowNotFound, StorageIntegrityError
 from storage.states import ControlAction, ControlState
@@ -69,7 +71,7 @@ def get(db: Database, request_id: int) -> ControlRequest:
     )
 
 
-def finish_unowned(
+def _finish_unowned(
     conn: Connection,
     apply_id: int,
     request_id: int,
@@ -86,6 +88,6 @@ def finish_unowned(
         raise RowNotFound(f"apply {apply_id} has no pending control request {request_id}")
 
 
-def cancel_unfinished_tasks(conn: Connection, apply_id: int, *, epoch: int) -> None:
+def _cancel_unfinished_tasks(conn: Connection, apply_id: int, *, epoch: int) -> None:
     """Cancel the apply tasks of an apply that is being cancelled without an owner."""
     conn.execute(statements.cancel_unfinished_tasks(apply_id, epoch=epoch))

@@ -16,10 +16,12 @@ from typing import Any, Final, final
 
 from sqlalchemy import Connection, RowMapping
 
-from storage import leasing, lines, statements
+from storage import _leasing as leasing
+from storage import _lines as lines
+from storage import _statements as statements
+from storage._lines import Line, Promoted
 from storage.database import Database
 from storage.errors import FenceClosed, InvalidInput, RowNotFound
-from storage.lines import Line, Promoted
 from storage.states import ApplyState, ControlState, TaskState
 
 _TASK_COLUMNS: Final = frozenset(

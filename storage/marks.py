@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from storage import statements
+from storage import _statements as statements
 from storage.database import Database
 from storage.errors import RowNotFound
 

@@ -1,7 +1,7 @@
 """Completion notifications: the task a caller asked to be sent when its apply ends (an outbox).
 
 Recorded with the apply at submit; made *due* in the transaction that ends the apply (every
-rotation to a terminal state, ``storage.leasing.rotate``); then delivered at least once: a
+rotation to a terminal state, ``storage._leasing.rotate``); then delivered at least once: a
 sender *claims* it (a compare-and-swap), sends it once that claim committed, and records it
 *sent*. A sender that dies between the claim and the record leaves a claim that expires, and the
 next reclaim pass sends it again; a send that fails frees its claim at once. A notification
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, RowMapping
 
-from storage import statements
+from storage import _statements as statements
 from storage.database import Database
 
 # How long a claim keeps other senders away: far longer than one send to a broker takes.
@@ -40,14 +40,9 @@ class Notice:
     error: str | None
 
 
-def record(conn: Connection, apply_id: int, notify: Notify) -> None:
+def _record(conn: Connection, apply_id: int, notify: Notify) -> None:
     """At submit, in the transaction that inserts the apply."""
     conn.execute(statements.insert_notification(apply_id, task=notify.task, queue=notify.queue))
-
-
-def make_due(conn: Connection, apply_id: int) -> None:
-    """In the transaction that ends the apply (a no-op for an apply nobody asked about)."""
-    conn.execute(statements.notification_due(apply_id))
 
 
 def owed(db: Database, *, expiry: float = CLAIM_EXPIRY, limit: int = 100) -> list[int]:

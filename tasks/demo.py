@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import tasks
-from leases import Lease, LeaseLost, fence
+from leases import Lease, fence
 from storage import applies, fenced, open_database
 from storage.database import Database
+from storage.errors import LeaseLost
 from tasks.github import render
 from tasks.testing.processes import beat, worker
 from tasks.testing.standin import GitHubStandIn

@@ -8,13 +8,14 @@ from typing import Any
 
 from celery.exceptions import Ignore
 
-from leases import Lease, LeaseLost, redeem
+from leases import Lease, redeem
 from storage import applies
 from storage.errors import (
     ApplyNotFound,
     InvalidInput,
     InvalidLease,
     InvalidTransition,
+    LeaseLost,
     RowNotFound,
 )
 from tasks import notify, runtime, service

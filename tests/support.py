@@ -8,9 +8,11 @@ from typing import Any
 
 from sqlalchemy import select, text, update
 
-from leases import Lease, dispatch, redeem
+from leases import Lease, dispatch, fence, mint_token, redeem
 from storage import applies as applies_repo
+from storage import fenced
 from storage.database import Database
+from storage.states import ApplyState
 from storage.tables import metadata
 
 # Children first, so that foreign keys never block a wipe.
@@ -58,6 +60,46 @@ def new_apply(
         ),
     )
     return created.apply_id
+
+
+def hand_back(db: Database, lease: Lease, *, reason: str) -> Lease:
+    """The running owner of ``lease`` hands its apply back (what a warm shutdown does), through
+    the one way a held lease ends: its fence's last write. Returns the new, dispatched lease."""
+    token = mint_token()
+    with fence(db, lease) as fx:
+        epoch = fenced.end_lease(
+            fx, new_token=token, to_state=ApplyState.DISPATCHED, event="handed_back", reason=reason
+        )
+    return Lease(lease.apply_id, epoch, token)
+
+
+def release(
+    db: Database,
+    lease: Lease,
+    *,
+    to_state: ApplyState = ApplyState.STOPPED,
+    event: str = "released",
+    reason: str,
+    error: str | None = None,
+) -> int:
+    """The running owner of ``lease`` gives the apply up: stopped (``end_lease``) or ended
+    (``finish``, which passes its line's turn on). Returns the new epoch."""
+    if not ApplyState(to_state).terminal:
+        with fence(db, lease) as fx:
+            return fenced.end_lease(
+                fx, new_token=mint_token(), to_state=to_state, event=event, reason=reason
+            )
+    with fence(db, lease, finishing=True) as fx:
+        done = fenced.finish(
+            fx,
+            new_token=mint_token(),
+            successor_token=mint_token(),
+            to_state=to_state,
+            event=event,
+            reason=reason,
+            error=error,
+        )
+    return done.epoch
 
 
 def running_lease(db: Database, *, tasks: int = 2, owner: str = "worker-1") -> Lease:

@@ -9,25 +9,20 @@ from typing import Any
 
 import pytest
 
-from leases import (
-    ApplyNotFound,
-    InvalidLease,
-    Lease,
-    LeaseLost,
-    ReclaimPolicy,
-    check,
-    dispatch,
-    fence,
-    hand_back,
-    heartbeat,
-    mint_token,
-    redeem,
-    release,
-)
+from leases import Lease, ReclaimPolicy, check, dispatch, fence, heartbeat, mint_token, redeem
 from storage import fenced, open_database
 from storage.database import Database, database_url, default_url, redact
-from storage.errors import ConfigurationError, InvalidInput, LeaseholdError, StorageError
+from storage.errors import (
+    ApplyNotFound,
+    ConfigurationError,
+    InvalidInput,
+    InvalidLease,
+    LeaseholdError,
+    LeaseLost,
+    StorageError,
+)
 from tests import support
+from tests.support import hand_back, release
 
 Operation = Callable[[Database, Lease], object]
 

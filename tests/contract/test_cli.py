@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from leases import hand_back
 from storage import applies, open_database
 from storage.database import Database
 from storage.migrate import head_revision
 from tasks import service
 from tests import support
+from tests.support import hand_back
 
 ROOT = Path(__file__).resolve().parents[2]
 _SCRIPT = Path(sys.executable).parent / "leasehold"

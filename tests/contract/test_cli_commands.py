@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from leases import Lease, LeaseLost, fence, redeem
+from leases import Lease, fence, redeem
 from storage import fenced, open_database
 from storage.database import Database
+from storage.errors import LeaseLost
 from storage.migrate import upgrade
 from storage.states import TaskState
 from tests import support

@@ -8,15 +8,16 @@ from typing import Any
 
 import pytest
 
-from leases import Lease, LeaseLost, dispatch, fence, redeem, release
+from leases import Lease, dispatch, fence, redeem
 from leases.control import settle_unowned
 from storage import applies, control, fenced
 from storage.database import Database
-from storage.errors import ApplyNotFound, InvalidInput
+from storage.errors import ApplyNotFound, InvalidInput, LeaseLost
 from storage.states import ApplyState, ControlAction, ControlState, TaskState
 from tasks import service
 from tests import support
 from tests.celery_fixtures import SentLeases, run_lease, sleep_apply, task_rows
+from tests.support import release
 
 
 def _control(db: Database, apply_id: Any, action: Any, by: Any = "ops") -> dict[str, Any]:

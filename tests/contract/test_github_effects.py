@@ -22,10 +22,11 @@ from typing import Any, Generic, TypeVar
 import pytest
 from sqlalchemy import RowMapping, select
 
-from leases import Lease, LeaseLost, hand_back, redeem
+from leases import Lease, redeem
 from storage import applies, open_database
 from storage.applies import NewApply, NewTask
 from storage.database import Database
+from storage.errors import LeaseLost
 from storage.states import ApplyState
 from storage.tables import apply_comments, checks
 from tasks.engines.sleep import SleepEngine
@@ -40,6 +41,7 @@ from tasks.settings import Settings
 from tasks.testing.standin import GitHubStandIn, RecordedRequest
 from tests import support
 from tests.celery_fixtures import FakeClock, RecordingReporter, Report, run_lease, wait_until
+from tests.support import hand_back
 
 T = TypeVar("T")
 

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from leases import LeaseLost, fence
+from leases import fence
 from storage import applies, fenced
 from storage.database import Database
+from storage.errors import LeaseLost
 from tasks.github import render
 from tasks.testing.standin import GitHubStandIn
 from tests import support

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from leases import Lease, LeaseLost, hand_back, heartbeat, release
+from leases import Lease, heartbeat
 from storage import applies, control
 from storage.database import Database
-from storage.errors import StorageUnavailable
+from storage.errors import LeaseLost, StorageUnavailable
 from storage.states import ApplyState, ControlAction
 from tasks.heartbeat import Heartbeat
 from tasks.interrupts import Interrupts, Reason
 from tests import support
 from tests.celery_fixtures import FakeClock, unreachable, wait_until
+from tests.support import hand_back, release
 
 STALE_AFTER = 30.0
 

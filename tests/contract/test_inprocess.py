@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from celery.result import AsyncResult
 
-from leases import Lease, dispatch, hand_back, mint_token, redeem
+from leases import Lease, dispatch, mint_token, redeem
 from storage import applies, control, open_database
 from storage.database import Database
 from storage.states import ControlState
@@ -21,6 +21,7 @@ from tasks import runtime
 from tasks.app import app
 from tests import support
 from tests.celery_fixtures import inprocess_worker, sleep_apply, task_rows, wait_until
+from tests.support import hand_back
 
 RESULT_TIMEOUT = 20.0
 RUN_APPLY = "leasehold.run_apply"

@@ -9,18 +9,11 @@ from typing import Any
 
 import pytest
 
-from leases import (
-    Lease,
-    LeaseLost,
-    dispatch,
-    fence,
-    hand_back,
-    heartbeat,
-    mint_token,
-    redeem,
-)
+from leases import Lease, dispatch, fence, heartbeat, mint_token, redeem
 from storage.database import Database
+from storage.errors import LeaseLost
 from tests import support
+from tests.support import hand_back
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 

@@ -11,28 +11,30 @@ import pytest
 from sqlalchemy import select
 
 from leases import (
-    ApplyNotFound,
-    InvalidTransition,
     Lease,
-    LeaseLost,
     ReclaimPolicy,
     check,
     dispatch,
     fence,
-    hand_back,
     heartbeat,
     mint_token,
     reclaim,
     redeem,
-    release,
 )
 from storage import applies as applies_repo
 from storage import fenced, open_database
 from storage.database import Database
-from storage.errors import StorageError, StorageUnavailable
+from storage.errors import (
+    ApplyNotFound,
+    InvalidTransition,
+    LeaseLost,
+    StorageError,
+    StorageUnavailable,
+)
 from storage.states import ApplyState
 from storage.tables import apply_logs
 from tests import support
+from tests.support import hand_back, release
 
 # --- dispatch ------------------------------------------------------------------------------------
 

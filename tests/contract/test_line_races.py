@@ -17,11 +17,13 @@ from typing import Any
 import pytest
 
 import leases
-from leases import Lease, LeaseLost, Submitted, fence, mint_token, redeem
-from storage import applies, control, fenced, lines
+from leases import Lease, Submitted, fence, mint_token, redeem
+from storage import _lines as lines
+from storage import applies, control, fenced
+from storage._lines import Line
 from storage.applies import NewApply, NewTask
 from storage.database import Database
-from storage.lines import Line
+from storage.errors import LeaseLost
 from storage.states import ApplyState, ControlState
 from tasks import service
 from tasks.settings import Settings

@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 
 import leases
-from leases import Lease, LeaseLost, fence, mint_token, redeem
+from leases import Lease, fence, mint_token, redeem
 from leases.control import settle_unowned
 from storage import applies, control, fenced
 from storage.applies import NewApply, NewTask
 from storage.database import Database
-from storage.errors import InvalidTransition
+from storage.errors import InvalidTransition, LeaseLost
 from storage.states import ApplyState, ControlAction, ControlState
 from tasks import service
 from tasks.engines.sleep import SleepEngine
@@ -226,7 +226,7 @@ def test_a_stopped_head_holds_its_line_until_it_is_cancelled(db: Database) -> No
 
 def test_a_stopped_head_resumes_at_once(db: Database) -> None:
     running, second, _ = line_of_three(db)
-    leases.release(db, running, to_state=ApplyState.STOPPED, reason="tests: stopped")
+    support.release(db, running, to_state=ApplyState.STOPPED, reason="tests: stopped")
     epoch = int(applies.get(db, running.apply_id)["lease_epoch"])
     resumed = _request(db, running.apply_id, "resume")
     assert (resumed["request_state"], resumed["apply_state"]) == ("completed", "dispatched")
@@ -360,7 +360,7 @@ def test_a_cancel_completes_and_fails_the_stop_still_pending(db: Database) -> No
 def test_settling_a_cancel_without_an_owner_fails_other_pending_requests(db: Database) -> None:
     running, _, _ = line_of_three(db)
     stop = support.insert_control_request(db, running.apply_id, action="stop")
-    leases.hand_back(db, running, reason="tests: its owner went away")  # dispatched, no owner
+    support.hand_back(db, running, reason="tests: its owner went away")  # dispatched, no owner
     cancel = control.request(db, running.apply_id, ControlAction.CANCEL, requested_by="ops")[0]
     settled = settle_unowned(db, cancel)
     assert (settled.request.state, settled.apply_state) == (

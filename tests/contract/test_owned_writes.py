@@ -13,26 +13,16 @@ from typing import Any
 import pytest
 from sqlalchemy import select, text, update
 
-from leases import (
-    ApplyNotFound,
-    Lease,
-    LeaseLost,
-    ReclaimPolicy,
-    fence,
-    hand_back,
-    mint_token,
-    reclaim,
-    redeem,
-    release,
-)
+from leases import Lease, ReclaimPolicy, fence, mint_token, reclaim, redeem
 from storage import applies as applies_repo
 from storage import control, fenced, open_database
 from storage.database import Database
-from storage.errors import FenceClosed, LeaseholdError, RowNotFound
+from storage.errors import ApplyNotFound, FenceClosed, LeaseholdError, LeaseLost, RowNotFound
 from storage.fenced import Fenced
 from storage.states import ApplyState, ControlState, TaskState
 from storage.tables import apply_logs, apply_tasks
 from tests import support
+from tests.support import hand_back, release
 
 
 @dataclass(frozen=True)

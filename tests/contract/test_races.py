@@ -31,10 +31,13 @@ import pytest
 from sqlalchemy import Connection, RowMapping, event, exists
 
 import leases
-from leases import Lease, LeaseLost, Reclaimed, ReclaimPolicy, mint_token
+from leases import Lease, Reclaimed, ReclaimPolicy, mint_token
+from storage import _leasing as leasing
+from storage import _statements as statements
 from storage import applies as applies_repo
-from storage import fenced, leasing, statements
+from storage import fenced
 from storage.database import Database
+from storage.errors import LeaseLost
 from storage.states import ApplyState
 from storage.tables import applies, apply_tasks
 from tests import support
@@ -152,7 +155,7 @@ def test_fenced_write_in_flight_makes_hand_back_wait(
     writing, rotating = open_db(isolation_level=isolation), open_db(isolation_level=isolation)
     tap = Tap(rotating)
     rotator = spawn(
-        "hand-back", lambda: leases.hand_back(rotating, lease, reason="handover mid-write")
+        "hand-back", lambda: support.hand_back(rotating, lease, reason="handover mid-write")
     )
 
     with leases.fence(writing, lease) as fx:
@@ -415,7 +418,7 @@ def test_check_then_act_is_advisory_only(db: Database) -> None:
     lease = support.running_lease(db)
     naive_task, fenced_task = support.task_ids(db, lease.apply_id)
     leases.check(db, lease)
-    new = leases.hand_back(db, lease, reason="rotated between check and act")
+    new = support.hand_back(db, lease, reason="rotated between check and act")
     with db.transaction() as conn:
         assert unfenced_progress(conn, lease.apply_id, naive_task, epoch=lease.epoch) == 1
     with pytest.raises(LeaseLost), leases.fence(db, lease) as fx:
@@ -459,7 +462,7 @@ def test_sixteen_rotations_of_one_lease_exactly_one_wins(
     dbs = racers(open_db, isolation)
 
     def rotate(each: Database, i: int) -> Callable[[], Lease]:
-        return lambda: leases.hand_back(each, lease, reason=f"racer {i}")
+        return lambda: support.hand_back(each, lease, reason=f"racer {i}")
 
     outcomes = race(spawn, "rotate", [rotate(each, i) for i, each in enumerate(dbs)])
 
@@ -695,7 +698,7 @@ def test_hammered_lease_rotated_once_keeps_every_write_on_its_side(
     def rotate() -> Lease:
         assert enough.wait(JOIN), "the hammering threads committed too little"
         rotating.set()
-        new = leases.hand_back(rotating_db, lease, reason="rotated under load")
+        new = support.hand_back(rotating_db, lease, reason="rotated under load")
         rotated.set()
         return new
 

@@ -8,25 +8,14 @@ from contextlib import contextmanager
 
 import pytest
 
-from leases import (
-    Lease,
-    LeaseLost,
-    ReclaimPolicy,
-    check,
-    dispatch,
-    fence,
-    hand_back,
-    heartbeat,
-    reclaim,
-    redeem,
-    release,
-)
+from leases import Lease, ReclaimPolicy, check, dispatch, fence, heartbeat, reclaim, redeem
 from storage import applies as applies_repo
 from storage import fenced
 from storage.database import Database
-from storage.errors import StorageError
+from storage.errors import LeaseLost, StorageError
 from storage.states import ApplyState
 from tests import support
+from tests.support import hand_back, release
 
 POLICY = ReclaimPolicy(stale_after=30, dispatch_timeout=120, max_reclaims=3, batch_size=100)
 

@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from leases import Lease, LeaseLost, fence, hand_back, redeem
+from leases import Lease, fence, redeem
 from storage import applies, control
 from storage.database import Database
+from storage.errors import LeaseLost
 from storage.states import ApplyState, ControlAction, ControlState
 from tasks import service
 from tasks.engines import Engine, EngineContext, TaskSpec
@@ -34,6 +35,7 @@ from tests.celery_fixtures import (
     unreachable,
     wait_until,
 )
+from tests.support import hand_back
 
 
 class RecordingEngine(Engine):

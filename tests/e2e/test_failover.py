@@ -11,8 +11,9 @@ import time
 
 import pytest
 
-from leases import Lease, LeaseLost, fence, heartbeat, redeem
+from leases import Lease, fence, heartbeat, redeem
 from storage import applies, fenced
+from storage.errors import LeaseLost
 from tests.e2e.helpers import (
     DISPATCH_TIMEOUT,
     RECLAIM_INTERVAL,

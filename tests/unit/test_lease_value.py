@@ -11,16 +11,16 @@ from typing import Any
 
 import pytest
 
-from leases import (
+from leases import Lease, mint_token
+from leases.reclaim import Reclaimed
+from storage.errors import (
     ApplyNotFound,
+    InvalidInput,
     InvalidLease,
     InvalidTransition,
-    Lease,
+    LeaseholdError,
     LeaseLost,
-    mint_token,
 )
-from leases.reclaim import Reclaimed
-from storage.errors import InvalidInput, LeaseholdError
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 

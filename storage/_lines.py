@@ -11,7 +11,7 @@ line's turn. Lock order: the line row, then applies rows of that line. Transacti
 applies row without the line (heartbeats, fences for ordinary owned writes, redemption, reclaim
 batches) never wait for a line, so the two kinds cannot deadlock.
 
-Connection-level operations for composing into one transaction, like ``storage.leasing``; tokens
+Connection-level operations for composing into one transaction, like ``storage._leasing``; tokens
 are the caller's (``leases`` mints them).
 """
 
@@ -22,10 +22,11 @@ from typing import Any
 
 from sqlalchemy import Connection, Row
 
-from storage import leasing, statements
+from storage import _leasing as leasing
+from storage import _statements as statements
+from storage._leasing import LeaseRow
 from storage.database import Database
 from storage.errors import ApplyNotFound, RowNotFound
-from storage.leasing import LeaseRow
 from storage.states import WAITING_STATES, ApplyState
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Connection
 
-from storage import statements
+from storage import _statements as statements
 from storage.errors import ApplyNotFound, InvalidTransition, LeaseLost
 from storage.states import ApplyState
 
