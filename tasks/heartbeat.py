@@ -18,12 +18,9 @@ from leases import Lease, heartbeat
 from storage import control
 from storage.database import Database
 from storage.errors import LeaseLost, StorageError
-from storage.states import ControlAction
-from tasks.interrupts import Interrupts, Reason
+from tasks.interrupts import Interrupts
 
 log = logging.getLogger(__name__)
-
-_CONTROL_REASONS = {ControlAction.STOP: Reason.STOP, ControlAction.CANCEL: Reason.CANCEL}
 
 
 class Heartbeat(threading.Thread):
@@ -82,8 +79,5 @@ class Heartbeat(threading.Thread):
             log.warning("apply %s: heartbeat failed, will retry: %s", self.lease.apply_id, exc)
             return False
         self.beats += 1
-        for request in requests:
-            reason = _CONTROL_REASONS.get(request.action)
-            if reason is not None:
-                self.interrupts.interrupt(reason, request_id=request.id)
+        self.interrupts.requested(requests)
         return True

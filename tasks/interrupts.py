@@ -5,9 +5,13 @@ by the engine through ``event``."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from enum import StrEnum
+from typing import Final
 
+from storage.control import ControlRequest
 from storage.errors import LeaseLost
+from storage.states import ControlAction
 
 
 class Reason(StrEnum):
@@ -20,6 +24,15 @@ class Reason(StrEnum):
 # A lost lease outranks everything (nothing may be written any more); cancel outranks stop and
 # handover (an operator asked for a terminal state); stop outranks handover.
 _RANK = {Reason.HANDOVER: 0, Reason.STOP: 1, Reason.CANCEL: 2, Reason.LEASE_LOST: 3}
+
+# The control requests a running apply's owner acts on, by interrupting itself. A resume is not
+# one: leases.control settles it where it is requested, the owner never sees it pending.
+_CONTROL_REASONS: Final = {ControlAction.STOP: Reason.STOP, ControlAction.CANCEL: Reason.CANCEL}
+
+
+def reason_for(action: ControlAction) -> Reason | None:
+    """The interrupt a control request asks of the apply's running owner, if any."""
+    return _CONTROL_REASONS.get(action)
 
 
 class Interrupts:
@@ -40,6 +53,13 @@ class Interrupts:
             self.request_id = request_id
             self.lost = lost
             self.event.set()
+
+    def requested(self, requests: Iterable[ControlRequest]) -> None:
+        """Interrupt for each pending control request that asks it of the owner."""
+        for request in requests:
+            reason = reason_for(request.action)
+            if reason is not None:
+                self.interrupt(reason, request_id=request.id)
 
     def lease_lost(self, lost: LeaseLost) -> None:
         self.interrupt(Reason.LEASE_LOST, lost=lost)

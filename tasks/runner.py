@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 from leases import Lease, fence, mint_token
 from storage import applies, control, fenced
@@ -20,15 +20,16 @@ from storage.database import Database
 from storage.errors import LeaseLost, StorageBusy, StorageError, StorageUnavailable
 from storage.fenced import Fenced
 from storage.states import ApplyState, ControlState, TaskState
+from tasks.backoff import Backoff
+from tasks.effects import EffectError, Effects, NoEffects
 from tasks.engines import Engine, EngineCancelled, EngineContext, EngineError, TaskSpec
 from tasks.engines.base import Progress
-from tasks.github.client import GitHubRejected, GitHubRetryable
-from tasks.github.publisher import Effects, NoEffects
 from tasks.interrupts import Interrupts, Reason
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-RETRY_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)
+# Short: an owned write waits on a database blip, not on a remote service.
+RETRY_BACKOFF: Final = Backoff((0.05, 0.1, 0.2, 0.5, 1.0))
 
 
 class Reporter(Protocol):
@@ -72,9 +73,7 @@ class ApplyRunner:
         rows = applies.tasks(self.db, self.lease.apply_id)
         # A stop or cancel requested before this worker redeemed (e.g. while its predecessor was
         # dying) is acted on before any work.
-        for request in control.pending(self.db, self.lease.apply_id):
-            if request.action in ("stop", "cancel"):
-                self.interrupts.interrupt(Reason(str(request.action)), request_id=request.id)
+        self.interrupts.requested(control.pending(self.db, self.lease.apply_id))
         total = len(rows)
         self.effects.start()
         for index, row in enumerate(rows):
@@ -174,10 +173,9 @@ class ApplyRunner:
                 with fence(self.db, self.lease, finishing=finishing) as fx:
                     return body(fx)
             except (StorageUnavailable, StorageBusy) as exc:
-                delay = RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)]
-                attempt += 1
                 log.warning("apply %s: owned write failed, retrying: %s", self.lease.apply_id, exc)
-                time.sleep(delay)
+                time.sleep(RETRY_BACKOFF.delay(attempt))
+                attempt += 1
 
     def _interrupted(self, spec: TaskSpec | None) -> Outcome:
         self.interrupts.raise_if_lost()
@@ -220,10 +218,12 @@ class ApplyRunner:
         finishing: bool = False,
     ) -> T:
         """Change state and rotate the lease away in one fenced transaction, publishing the new
-        state on GitHub inside it, so that the publication and the change commit together.
+        state through the effects inside it, so that the publication and the change commit
+        together.
 
-        GitHub trouble is retried (a new fence each time); if it persists, the state change is
-        made without the publication rather than left undone.
+        The effects retry a failed publication as they retry their own (a new fence each time);
+        if it is refused or keeps failing, the state change is made without the publication
+        rather than left undone.
         """
 
         def with_publication(fx: Fenced) -> T:
@@ -237,17 +237,14 @@ class ApplyRunner:
             return rotate(fx)
 
         if publish is not None:
-            for attempt in range(self.effects.final_attempts):
-                self.effects.await_grace()
-                try:
-                    return self._write(with_publication, finishing=finishing)
-                except GitHubRejected as exc:
-                    log.error("apply %s: GitHub refused: %s", self.lease.apply_id, exc)
-                    break
-                except GitHubRetryable as exc:
-                    log.warning("apply %s: publishing failed: %s", self.lease.apply_id, exc)
-                    self.effects.pause(attempt, exc)
-            log.error("apply %s: %s made without publishing it", self.lease.apply_id, publish)
+            try:
+                return self.effects.retrying(
+                    lambda: self._write(with_publication, finishing=finishing)
+                )
+            except EffectError as exc:
+                log.error(
+                    "apply %s: %s made without publishing it: %s", self.lease.apply_id, publish, exc
+                )
         return self._write(without_publication, finishing=finishing)
 
     def _finish_request(self, fx: Fenced) -> None:

@@ -7,8 +7,9 @@ from typing import Any
 
 from leases import Lease
 from storage.database import Database
+from tasks.effects import Effects, NoEffects
 from tasks.github.client import GitHubClient, GitHubConfig
-from tasks.github.publisher import Effects, NoEffects, Publisher
+from tasks.github.publisher import Publisher
 from tasks.interrupts import Interrupts
 from tasks.settings import Settings
 

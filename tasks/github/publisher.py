@@ -12,70 +12,51 @@ which heals a crash between GitHub's answer and our commit.
 Lock-delay: a holder whose lease came from a reclaim waits ``effect_grace`` (longer than the
 effect timeout) before its first call, so that a call of the previous holder that timed out on
 its side but still reaches GitHub lands before ours and is overwritten by our next edit.
+
+This is the boundary of the GitHub client: its errors leave here as ``EffectRetryable`` (with
+GitHub's ``Retry-After`` or rate-limit reset as ``retry_after``) or ``EffectRefused``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from typing import Final, Protocol
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Final, TypeVar
 
 from leases import Lease, fence
 from storage import fenced
 from storage.database import Database
-from storage.errors import StorageBusy, StorageUnavailable
+from storage.errors import LeaseholdError, StorageBusy, StorageUnavailable
 from storage.fenced import Fenced
 from storage.states import ApplyState
+from tasks.backoff import Backoff
+from tasks.effects import EffectRefused, EffectRetryable
 from tasks.github import render
-from tasks.github.client import GitHubClient, GitHubError, GitHubRejected, GitHubRetryable
+from tasks.github.client import GitHubClient, GitHubRejected, GitHubRetryable
 from tasks.interrupts import Interrupts
 
 log = logging.getLogger(__name__)
-BACKOFF: Final = (0.5, 1.0, 2.0, 4.0, 8.0)
+T = TypeVar("T")
+# GitHub may ask for longer (Retry-After, a rate-limit reset); max_hint bounds what we grant it.
+BACKOFF: Final = Backoff((0.5, 1.0, 2.0, 4.0, 8.0), max_hint=30.0)
 
 
-class Effects(Protocol):
-    """What the runner asks of the GitHub side (a no-op when there is none)."""
-
-    final_attempts: int
-
-    def start(self) -> None: ...
-
-    def progress(self, *, boundary: bool) -> None: ...
-
-    def await_grace(self) -> None: ...
-
-    def publish_in(self, fx: Fenced, state: ApplyState, *, error: str | None = None) -> None: ...
-
-    def pause(self, attempt: int, error: GitHubError) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class NoEffects:
-    final_attempts = 1
-
-    def start(self) -> None:
-        pass
-
-    def progress(self, *, boundary: bool) -> None:
-        pass
-
-    def await_grace(self) -> None:
-        pass
-
-    def publish_in(self, fx: Fenced, state: ApplyState, *, error: str | None = None) -> None:
-        pass
-
-    def pause(self, attempt: int, error: GitHubError) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+@contextmanager
+def _in_leasehold_terms() -> Iterator[None]:
+    try:
+        yield
+    except GitHubRejected as exc:
+        raise EffectRefused(str(exc)) from exc
+    except GitHubRetryable as exc:
+        raise EffectRetryable(str(exc), retry_after=exc.retry_after) from exc
 
 
 class Publisher:
+    """The ``tasks.effects.Effects`` of an apply on a pull request."""
+
     def __init__(
         self,
         db: Database,
@@ -89,7 +70,7 @@ class Publisher:
         comment_interval: float,
         grace: float = 0.0,
         max_attempts: int = 5,
-        max_retry_after: float = 30.0,
+        max_retry_after: float = BACKOFF.max_hint,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.db = db
@@ -100,8 +81,8 @@ class Publisher:
         self.pull_request = pull_request
         self.head_sha = head_sha
         self.comment_interval = comment_interval
-        self.final_attempts = max_attempts
-        self.max_retry_after = max_retry_after
+        self.max_attempts = max_attempts
+        self.backoff = replace(BACKOFF, max_hint=max_retry_after)
         self._monotonic = monotonic
         self._grace_until = monotonic() + grace
         self._last_edit = float("-inf")
@@ -133,60 +114,77 @@ class Publisher:
         An earlier attempt's calls may have reached GitHub although its transaction rolled back
         (an answer lost or too late): what GitHub already shows is not sent again, so that the
         final body is edited in once and the check run concluded once."""
-        self._comment_in(fx, state, error=error, unless_shown=True)
-        if state.terminal:
-            self._check_in(fx, state)
+        with _in_leasehold_terms():
+            self._comment_in(fx, state, error=error, unless_shown=True)
+            if state.terminal:
+                self._check_in(fx, state)
 
-    def await_grace(self) -> None:
-        """The lock-delay after a reclaim; ends early only if the lease is lost."""
-        while (remaining := self._grace_until - self._monotonic()) > 0:
-            self.interrupts.raise_if_lost()
-            time.sleep(min(0.1, remaining))
-        self.interrupts.raise_if_lost()
+    def retrying(self, attempt: Callable[[], T]) -> T:
+        """Make ``attempt`` (one fenced transaction calling GitHub) until it succeeds, is refused,
+        or attempts run out; each attempt after the lock-delay, each retry after a pause."""
+        failure: LeaseholdError | None = None
+        for n in range(self.max_attempts):
+            self._await_grace()
+            try:
+                return attempt()
+            except EffectRefused as exc:
+                log.error("apply %s: GitHub refused an effect: %s", self.lease.apply_id, exc)
+                raise
+            except EffectRetryable as exc:
+                log.warning(
+                    "apply %s: GitHub effect failed, will retry: %s", self.lease.apply_id, exc
+                )
+                failure = exc
+            except (StorageUnavailable, StorageBusy) as exc:
+                log.warning("apply %s: effect not fenced, will retry: %s", self.lease.apply_id, exc)
+                failure = exc
+            self.pause(n, failure)
+        raise EffectRetryable(
+            f"GitHub effect given up after {self.max_attempts} attempts: {failure}"
+        ) from failure
 
     def close(self) -> None:
         self.client.close()
 
-    def pause(self, attempt: int, error: GitHubError) -> None:
-        delay = BACKOFF[min(attempt, len(BACKOFF) - 1)]
-        if isinstance(error, GitHubRetryable) and error.retry_after is not None:
-            delay = min(max(delay, error.retry_after), self.max_retry_after)
-        deadline = self._monotonic() + delay
+    # --- attempts --------------------------------------------------------------------------------
+
+    def pause(self, attempt: int, error: LeaseholdError) -> None:
+        """The backoff after failed ``attempt``; ends early only if the lease is lost."""
+        hint = error.retry_after if isinstance(error, EffectRetryable) else None
+        self._sleep_until(self._monotonic() + self.backoff.delay(attempt, hint=hint))
+
+    def _await_grace(self) -> None:
+        """The lock-delay after a reclaim; ends early only if the lease is lost."""
+        self._sleep_until(self._grace_until)
+        self.interrupts.raise_if_lost()
+
+    def _sleep_until(self, deadline: float) -> None:
         while (remaining := deadline - self._monotonic()) > 0:
             self.interrupts.raise_if_lost()
             time.sleep(min(0.1, remaining))
 
-    # --- attempts --------------------------------------------------------------------------------
-
     def _effect(self, body: Callable[[Fenced], None]) -> bool:
-        """Attempt ``body`` in a fence until it succeeds, is refused, or attempts run out. An
-        effect that cannot be made is logged and skipped: the apply itself goes on, and the next
-        edit renders the full state anyway."""
-        for attempt in range(self.final_attempts):
-            self.await_grace()
-            try:
-                with fence(self.db, self.lease) as fx:
-                    body(fx)
-                return True
-            except GitHubRejected as exc:
-                log.error("apply %s: GitHub refused an effect: %s", self.lease.apply_id, exc)
-                return False
-            except GitHubRetryable as exc:
-                log.warning(
-                    "apply %s: GitHub effect failed, will retry: %s", self.lease.apply_id, exc
-                )
-                self.pause(attempt, exc)
-            except (StorageUnavailable, StorageBusy) as exc:
-                log.warning("apply %s: effect not fenced, will retry: %s", self.lease.apply_id, exc)
-                self.pause(attempt, GitHubRetryable(str(exc)))
-        log.error(
-            "apply %s: GitHub effect given up after %d attempts; progress edits pause for %gs",
-            self.lease.apply_id,
-            self.final_attempts,
-            self.comment_interval,
-        )
-        self._quiet_until = self._monotonic() + self.comment_interval
-        return False
+        """Make ``body`` in a fence of its own, retrying. An effect that cannot be made is logged
+        and skipped: the apply itself goes on, and the next edit renders the full state anyway."""
+
+        def attempt() -> None:
+            with fence(self.db, self.lease) as fx, _in_leasehold_terms():
+                body(fx)
+
+        try:
+            self.retrying(attempt)
+        except EffectRefused:
+            return False
+        except EffectRetryable as exc:
+            log.error(
+                "apply %s: %s; progress edits pause for %gs",
+                self.lease.apply_id,
+                exc,
+                self.comment_interval,
+            )
+            self._quiet_until = self._monotonic() + self.comment_interval
+            return False
+        return True
 
     def _comment_in(
         self,

@@ -29,15 +29,15 @@ from storage.database import Database
 from storage.errors import LeaseLost
 from storage.states import ApplyState
 from storage.tables import apply_comments, checks
+from tasks.effects import NoEffects
 from tasks.engines.sleep import SleepEngine
 from tasks.github import render
 from tasks.github.client import GitHubClient, GitHubConfig
 from tasks.github.effects import github_effects
-from tasks.github.publisher import NoEffects, Publisher
+from tasks.github.publisher import Publisher
 from tasks.heartbeat import Heartbeat
 from tasks.interrupts import Interrupts, Reason
 from tasks.runner import ApplyRunner, Outcome
-from tasks.settings import Settings
 from tasks.testing.standin import GitHubStandIn, RecordedRequest
 from tests import support
 from tests.celery_fixtures import FakeClock, RecordingReporter, Report, run_lease, wait_until
@@ -677,8 +677,8 @@ def test_no_github_settings_no_effects_and_the_apply_still_completes(
     lease = run_lease(db, apply_id)
     apply = applies.get(db, apply_id)
     url = str(db.engine.url)
-    unconfigured = Settings(database_url=url, github_api_url=github.url)
-    configured = Settings(database_url=url, github_api_url=github.url, github_token=token)
+    unconfigured = support.settings(url, github_api_url=github.url)
+    configured = support.settings(url, github_api_url=github.url, github_token=token)
     interrupts = Interrupts()
     effects = github_effects(db, lease, interrupts, apply, unconfigured, reclaimed=False)
     assert isinstance(effects, NoEffects)
@@ -794,7 +794,7 @@ def test_after_giving_up_progress_edits_pause_for_a_comment_interval(
     lease = run_lease(db, apply_id)
     clock = FakeClock()
     pub = publisher(db, lease, github, token, comment_interval=30.0, monotonic=clock)
-    pub.final_attempts = 2
+    pub.max_attempts = 2
     pub.pause = lambda attempt, error: None  # type: ignore[method-assign]
     github.fail_next(100, status=503)
 

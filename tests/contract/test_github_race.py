@@ -46,11 +46,12 @@ ROOT = Path(__file__).resolve().parents[2]
 # applies it rotated as JSON [[apply_id, previous_epoch, new_epoch], ...].
 RECLAIM = """
 import json, sys
-from leases import ReclaimPolicy, reclaim
+from leases import reclaim
 from storage import open_database
+from tests import support
 db = open_database(sys.argv[1])
 print("ready", flush=True)
-done = reclaim(db, ReclaimPolicy(stale_after=0.2, dispatch_timeout=3600.0))
+done = reclaim(db, support.reclaim_policy(stale_after=0.2, dispatch_timeout=3600.0))
 print(json.dumps([[r.apply_id, r.previous_epoch, r.lease and r.lease.epoch] for r in done]))
 db.dispose()
 """
