@@ -26,10 +26,12 @@ BATCH_ISOLATION = "READ COMMITTED"
 
 @dataclass(frozen=True, slots=True)
 class ReclaimPolicy:
-    stale_after: float = 30.0
-    dispatch_timeout: float = 600.0
-    max_reclaims: int = 5
-    batch_size: int = 100
+    """What a reclaim pass takes over (from the settings; their defaults are celeryconfig's)."""
+
+    stale_after: float
+    dispatch_timeout: float
+    max_reclaims: int
+    batch_size: int = 100  # rows per transaction: an implementation choice, not a setting
 
     def __post_init__(self) -> None:
         if self.stale_after <= 0 or self.dispatch_timeout <= 0:

@@ -10,6 +10,7 @@ error with a name. On MySQL the SQLAlchemy mysqlclient dialect connects with CLI
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
@@ -17,6 +18,7 @@ from sqlalchemy import (
     Insert,
     Select,
     String,
+    Table,
     Update,
     bindparam,
     case,
@@ -234,62 +236,64 @@ def append_log(apply_id: int, *, epoch: int, level: str, event: str, message: st
     )
 
 
-def update_comment(
+@dataclass(frozen=True, slots=True)
+class Upsert:
+    """One row's record, as the update to try first and the insert if it matched nothing. Built
+    from one mapping of values, so that the two can never disagree about a column."""
+
+    update: Update
+    insert: Insert
+
+
+def _upsert(
+    table: Table,
+    key: Mapping[str, Any],
+    values: Mapping[str, Any],
+    *,
+    on_update: Mapping[str, Any],
+    on_insert: Mapping[str, Any],
+) -> Upsert:
+    where = [table.c[name] == value for name, value in key.items()]
+    return Upsert(
+        update=table.update().where(*where).values(**values, **on_update),
+        insert=insert(table).values(**key, **values, **on_insert),
+    )
+
+
+def record_comment(
     apply_id: int, *, kind: str, epoch: int, github_comment_id: int, body_sha256: str
-) -> Update:
-    return (
-        apply_comments.update()
-        .where(apply_comments.c.apply_id == apply_id, apply_comments.c.kind == kind)
-        .values(
-            github_comment_id=github_comment_id,
-            edit_count=apply_comments.c.edit_count + 1,
-            last_epoch=epoch,
-            body_sha256=body_sha256,
-            updated_at=clock.now(),
-        )
+) -> Upsert:
+    """A comment created or edited: its id, digest and epoch; edits counted."""
+    return _upsert(
+        apply_comments,
+        {"apply_id": apply_id, "kind": kind},
+        {
+            "github_comment_id": github_comment_id,
+            "last_epoch": epoch,
+            "body_sha256": body_sha256,
+            "updated_at": clock.now(),
+        },
+        on_update={"edit_count": apply_comments.c.edit_count + 1},
+        on_insert={"edit_count": 0},
     )
 
 
-def insert_comment(
-    apply_id: int, *, kind: str, epoch: int, github_comment_id: int, body_sha256: str
-) -> Insert:
-    return insert(apply_comments).values(
-        apply_id=apply_id,
-        kind=kind,
-        github_comment_id=github_comment_id,
-        edit_count=0,
-        last_epoch=epoch,
-        body_sha256=body_sha256,
-        updated_at=clock.now(),
-    )
-
-
-def update_check(
+def record_check(
     apply_id: int, *, epoch: int, check_run_id: int, status: str, conclusion: str | None
-) -> Update:
-    return (
-        checks.update()
-        .where(checks.c.apply_id == apply_id)
-        .values(
-            github_check_run_id=check_run_id,
-            status=status,
-            conclusion=conclusion,
-            last_epoch=epoch,
-            updated_at=clock.now(),
-        )
-    )
-
-
-def insert_check(
-    apply_id: int, *, epoch: int, check_run_id: int, status: str, conclusion: str | None
-) -> Insert:
-    return insert(checks).values(
-        apply_id=apply_id,
-        github_check_run_id=check_run_id,
-        status=status,
-        conclusion=conclusion,
-        last_epoch=epoch,
-        updated_at=clock.now(),
+) -> Upsert:
+    """A check run created or updated: its id, status, conclusion and epoch."""
+    return _upsert(
+        checks,
+        {"apply_id": apply_id},
+        {
+            "github_check_run_id": check_run_id,
+            "status": status,
+            "conclusion": conclusion,
+            "last_epoch": epoch,
+            "updated_at": clock.now(),
+        },
+        on_update={},
+        on_insert={},
     )
 
 

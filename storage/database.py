@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
@@ -23,8 +21,6 @@ from storage.errors import (
     StorageUnavailable,
 )
 
-DATABASE_URL_ENV = "LEASEHOLD_DATABASE_URL"
-DEFAULT_SQLITE_FILE = "leasehold.sqlite3"
 ISOLATION_LEVELS = frozenset({"READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"})
 
 # MySQL/MariaDB error codes that mean "the server is gone or unreachable".
@@ -32,15 +28,6 @@ _MYSQL_UNAVAILABLE = frozenset({1040, 1053, 2002, 2003, 2005, 2006, 2013, 2055, 
 # Lock wait timeout and deadlock: the transaction was rolled back and may simply be retried.
 _MYSQL_BUSY = frozenset({1205, 1213})
 _SQLITE_BUSY_TIMEOUT_MS = 30_000
-
-
-def default_url() -> str:
-    return f"sqlite:///{Path.cwd() / DEFAULT_SQLITE_FILE}"
-
-
-def database_url(environ: dict[str, str] | None = None) -> str:
-    env = os.environ if environ is None else environ
-    return env.get(DATABASE_URL_ENV) or default_url()
 
 
 def redact(url: str) -> str:
@@ -92,16 +79,16 @@ class Database:
 
 
 def open_database(
-    url: str | None = None,
+    url: str,
     *,
     isolation_level: str | None = None,
     pool_size: int = 5,
     idle_transaction_timeout: float | None = None,
     **engine_kwargs: Any,
 ) -> Database:
-    """Create the engine for ``url`` (default: ``LEASEHOLD_DATABASE_URL``, then a SQLite file in
-    the working directory). MySQL gets an explicit isolation level (READ COMMITTED unless told
-    otherwise); SQLite gets WAL, a busy timeout and write-locking transactions.
+    """Create the engine for ``url`` (the configuration's ``LEASEHOLD_DATABASE_URL``; storage
+    has no default of its own). MySQL gets an explicit isolation level (READ COMMITTED unless
+    told otherwise); SQLite gets WAL, a busy timeout and write-locking transactions.
 
     ``idle_transaction_timeout`` (seconds) makes the server end a session that sits idle inside a
     transaction that long: a worker frozen (SIGSTOP, a long GC pause) inside a fence would
@@ -109,11 +96,10 @@ def open_database(
     the apply over. Workers pass ``stale_after``: by then a peer may reclaim anyway. MariaDB has
     ``idle_transaction_timeout``; on MySQL the nearest setting is the session ``wait_timeout``.
     """
-    url = url or database_url()
     try:
         parsed = make_url(url)
     except sa_exc.ArgumentError as exc:
-        raise ConfigurationError(f"{DATABASE_URL_ENV} is not a database URL: {exc}") from exc
+        raise ConfigurationError(f"LEASEHOLD_DATABASE_URL is not a database URL: {exc}") from exc
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         return Database(_sqlite_engine(url, **engine_kwargs))

@@ -9,7 +9,7 @@ REPEATABLE READ and READ COMMITTED alike.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final, final
@@ -54,8 +54,9 @@ class Fenced:
         self.apply_id = apply_id
         self.epoch = epoch
 
-    @property
-    def connection(self) -> Connection:
+    def _connection(self) -> Connection:
+        """For this module's owned writes only: the handle exposes no connection, so that
+        nothing outside ``storage`` can write through the fence unfenced."""
         if not self._open:
             raise FenceClosed(f"the fence of apply {self.apply_id} epoch {self.epoch} is closed")
         return self._conn
@@ -98,7 +99,7 @@ def fenced_transaction(
 def set_apply_state(fx: Fenced, state: ApplyState, *, error: str | None = None) -> None:
     """Move the held apply to ``state``. Leaving ``running`` ends the lease's rights: the fence
     admits only running applies."""
-    fx.connection.execute(statements.set_apply_state(fx.apply_id, state=state, error=error))
+    fx._connection().execute(statements.set_apply_state(fx.apply_id, state=state, error=error))
 
 
 def update_task(fx: Fenced, task_id: int, **values: Any) -> None:
@@ -116,7 +117,7 @@ def update_task(fx: Fenced, task_id: int, **values: Any) -> None:
         # bool is an int subclass; None would only fail later, as a NOT NULL violation.
         if isinstance(progress, bool) or not (isinstance(progress, int) and 0 <= progress <= 100):
             raise InvalidInput(f"progress must be an int from 0 to 100, not {progress!r}")
-    result = fx.connection.execute(
+    result = fx._connection().execute(
         statements.update_task(fx.apply_id, task_id, epoch=fx.epoch, values=values)
     )
     if result.rowcount != 1:
@@ -125,14 +126,14 @@ def update_task(fx: Fenced, task_id: int, **values: Any) -> None:
 
 def start_task(fx: Fenced, task_id: int) -> None:
     """Mark an apply task running (its first start time survives a resume)."""
-    result = fx.connection.execute(statements.start_task(fx.apply_id, task_id, epoch=fx.epoch))
+    result = fx._connection().execute(statements.start_task(fx.apply_id, task_id, epoch=fx.epoch))
     if result.rowcount != 1:
         raise RowNotFound(f"apply {fx.apply_id} has no apply task {task_id}")
 
 
 def finish_task(fx: Fenced, task_id: int, state: TaskState, *, error: str | None = None) -> None:
     """End an apply task: completed (progress 100), failed or cancelled, at the DB's time."""
-    result = fx.connection.execute(
+    result = fx._connection().execute(
         statements.finish_task(
             fx.apply_id, task_id, epoch=fx.epoch, state=TaskState(state), error=error
         )
@@ -142,11 +143,11 @@ def finish_task(fx: Fenced, task_id: int, state: TaskState, *, error: str | None
 
 
 def cancel_unfinished_tasks(fx: Fenced) -> None:
-    fx.connection.execute(statements.cancel_unfinished_tasks(fx.apply_id, epoch=fx.epoch))
+    fx._connection().execute(statements.cancel_unfinished_tasks(fx.apply_id, epoch=fx.epoch))
 
 
 def append_log(fx: Fenced, event: str, message: str, *, level: str = "info") -> None:
-    fx.connection.execute(
+    fx._connection().execute(
         statements.append_log(
             fx.apply_id, epoch=fx.epoch, level=level, event=event, message=message
         )
@@ -154,35 +155,47 @@ def append_log(fx: Fenced, event: str, message: str, *, level: str = "info") -> 
 
 
 def record_comment(fx: Fenced, *, kind: str, github_comment_id: int, body_sha256: str) -> None:
-    """Record a comment creation or edit. Update-then-insert is race-free: the fence's row lock
-    serializes every writer of this apply."""
-    args: Mapping[str, Any] = {
-        "kind": kind,
-        "epoch": fx.epoch,
-        "github_comment_id": github_comment_id,
-        "body_sha256": body_sha256,
-    }
-    if fx.connection.execute(statements.update_comment(fx.apply_id, **args)).rowcount == 0:
-        fx.connection.execute(statements.insert_comment(fx.apply_id, **args))
+    """Record a comment creation or edit (GitHub's answer, in the call's fence)."""
+    _record(
+        fx,
+        statements.record_comment(
+            fx.apply_id,
+            kind=kind,
+            epoch=fx.epoch,
+            github_comment_id=github_comment_id,
+            body_sha256=body_sha256,
+        ),
+    )
 
 
 def record_check(
     fx: Fenced, *, check_run_id: int, status: str, conclusion: str | None = None
 ) -> None:
-    args: Mapping[str, Any] = {
-        "epoch": fx.epoch,
-        "check_run_id": check_run_id,
-        "status": status,
-        "conclusion": conclusion,
-    }
-    if fx.connection.execute(statements.update_check(fx.apply_id, **args)).rowcount == 0:
-        fx.connection.execute(statements.insert_check(fx.apply_id, **args))
+    """Record a check run's creation or update (GitHub's answer, in the call's fence)."""
+    _record(
+        fx,
+        statements.record_check(
+            fx.apply_id,
+            epoch=fx.epoch,
+            check_run_id=check_run_id,
+            status=status,
+            conclusion=conclusion,
+        ),
+    )
+
+
+def _record(fx: Fenced, upsert: statements.Upsert) -> None:
+    # Update-then-insert is race-free here: the fence's row lock serializes every writer of
+    # this apply, so nobody inserts the row between the two.
+    conn = fx._connection()
+    if conn.execute(upsert.update).rowcount == 0:
+        conn.execute(upsert.insert)
 
 
 def finish_control_request(
     fx: Fenced, request_id: int, *, state: ControlState, error: str | None = None
 ) -> None:
-    result = fx.connection.execute(
+    result = fx._connection().execute(
         statements.finish_control_request(
             fx.apply_id, request_id, state=ControlState(state), error=error
         )
@@ -233,7 +246,7 @@ def finish(
     line = fx._line
     if line is None:
         raise FenceClosed(f"finishing apply {fx.apply_id} needs a fence with finishing=True")
-    conn = fx.connection
+    conn = fx._connection()
     epoch = _rotate_away(
         fx, new_token=new_token, to_state=to_state, event=event, reason=reason, error=error
     )
@@ -251,7 +264,7 @@ def _rotate_away(
 ) -> int:
     row = leasing.LeaseRow(fx.apply_id, ApplyState.RUNNING, fx.epoch, fx._token)
     epoch = leasing.rotate(
-        fx.connection,
+        fx._connection(),
         row,
         new_token=new_token,
         to_state=to_state,
@@ -268,15 +281,17 @@ def _rotate_away(
 def read_state(fx: Fenced) -> tuple[RowMapping, list[RowMapping]]:
     """The apply and its tasks as this transaction sees them (the apply row is locked), for
     rendering an external effect consistently with what is committed alongside it."""
-    conn = fx.connection
+    conn = fx._connection()
     apply = conn.execute(statements.apply_row(fx.apply_id)).mappings().one()
     tasks = list(conn.execute(statements.apply_task_rows(fx.apply_id)).mappings())
     return apply, tasks
 
 
 def comment_record(fx: Fenced, kind: str) -> RowMapping | None:
-    return fx.connection.execute(statements.comment_row(fx.apply_id, kind)).mappings().one_or_none()
+    return (
+        fx._connection().execute(statements.comment_row(fx.apply_id, kind)).mappings().one_or_none()
+    )
 
 
 def check_record(fx: Fenced) -> RowMapping | None:
-    return fx.connection.execute(statements.check_row(fx.apply_id)).mappings().one_or_none()
+    return fx._connection().execute(statements.check_row(fx.apply_id)).mappings().one_or_none()

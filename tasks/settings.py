@@ -1,4 +1,5 @@
-"""Typed leasehold settings, read from the Celery app's configuration (``celeryconfig``)."""
+"""Typed leasehold settings, read from the Celery app's configuration (``celeryconfig``, the one
+place that gives the defaults: nothing here has one, so nothing can drift from it)."""
 
 from __future__ import annotations
 
@@ -11,22 +12,22 @@ from leases import ReclaimPolicy
 @dataclass(frozen=True, slots=True)
 class Settings:
     database_url: str
-    heartbeat_interval: float = 5.0
-    stale_after: float = 30.0
-    reclaim_interval: float = 5.0
-    dispatch_timeout: float = 600.0
-    max_reclaims: int = 5
-    effect_timeout: float = 10.0
-    effect_grace: float = 12.0
-    comment_interval: float = 10.0
-    apply_slots: int = 4
-    control_concurrency: int = 4
-    github_api_url: str = "https://api.github.com"
-    targets: dict[str, str] = field(default_factory=dict, repr=False)
-    github_token: str | None = field(default=None, repr=False)
-    github_app_id: str | None = None
-    github_app_private_key: str | None = field(default=None, repr=False)
-    github_app_installation_id: str | None = None
+    heartbeat_interval: float
+    stale_after: float
+    reclaim_interval: float
+    dispatch_timeout: float
+    max_reclaims: int
+    effect_timeout: float
+    effect_grace: float
+    comment_interval: float
+    apply_slots: int
+    control_concurrency: int
+    github_api_url: str
+    targets: dict[str, str] = field(repr=False)
+    github_token: str | None = field(repr=False)
+    github_app_id: str | None
+    github_app_private_key: str | None = field(repr=False)
+    github_app_installation_id: str | None
 
     @classmethod
     def from_conf(cls, conf: Any) -> Settings:

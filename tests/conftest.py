@@ -25,6 +25,36 @@ MYSQL_SERVER_URL = os.environ.get(
 )
 
 
+# The parameters that choose the store a test item runs on, and the value that means MariaDB/MySQL
+# (the e2e stacks named "redis" are MariaDB + Redis); and fixtures that are MariaDB themselves.
+# Not marked: tests of the MySQL driver against a closed port, which need no server.
+MYSQL_PARAMS = {
+    "backend_url": "mysql",  # the contract fixtures: db, open_db
+    "worker_url": "mysql",  # in-process workers (test_inprocess)
+    "worker": "mysql",  # in-process workers with apply slots (test_slots)
+    "fresh": "mysql",  # empty stores (test_migrations)
+    "stack": "redis",  # e2e deployments
+    "base": "redis",  # e2e GitHub chaos
+}
+MYSQL_FIXTURES = frozenset({"mysql_server", "target_url"})
+
+
+def runs_on_mysql(item: pytest.Item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    params = callspec.params if callspec is not None else {}
+    if any(params.get(name) == value for name, value in MYSQL_PARAMS.items()):
+        return True
+    return bool(MYSQL_FIXTURES & set(getattr(item, "fixturenames", ())))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every item that runs on MariaDB/MySQL ``mysql``, so that ``-m "not mysql"`` runs the
+    SQLite half alone (and ``-m mysql`` the other)."""
+    for item in items:
+        if runs_on_mysql(item) and item.get_closest_marker("mysql") is None:
+            item.add_marker(pytest.mark.mysql)
+
+
 def unavailable(reason: str) -> None:
     """Skip locally; in CI a missing service is a failure, never a silent skip."""
     if CI:

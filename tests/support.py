@@ -4,16 +4,22 @@
 from __future__ import annotations
 
 import itertools
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, text, update
+from sqlalchemy import Connection, select, text, update
 
-from leases import Lease, dispatch, fence, mint_token, redeem
+from leases import Lease, ReclaimPolicy, dispatch, fence, mint_token, redeem
 from storage import applies as applies_repo
 from storage import fenced
 from storage.database import Database
+from storage.fenced import Fenced
 from storage.states import ApplyState
 from storage.tables import metadata
+from tasks.settings import Settings
 
 # Children first, so that foreign keys never block a wipe.
 TABLES = [
@@ -26,6 +32,23 @@ TABLES = [
     "applies",
     "apply_lines",
 ]
+
+
+REPO = Path(__file__).resolve().parent.parent
+# The console script beside this interpreter (a venv's), else the module.
+_SCRIPT = Path(sys.executable).parent / "leasehold"
+LEASEHOLD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "tasks.cli"]
+
+
+def environment(folder: Path, **variables: str) -> dict[str, str]:
+    """A subprocess's environment as an operator's would be: none of the caller's LEASEHOLD_* or
+    CELERY_* settings, leasehold importable from this checkout, its var folder in ``folder``,
+    then ``variables``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LEASEHOLD_", "CELERY"))}
+    env["PYTHONPATH"] = str(REPO)
+    env["LEASEHOLD_VAR_DIR"] = str(folder / "var")
+    env.update(variables)
+    return env
 
 
 def wipe(db: Database) -> None:
@@ -60,6 +83,19 @@ def new_apply(
         ),
     )
     return created.apply_id
+
+
+def settings(database_url: str, **overrides: Any) -> Settings:
+    """leasehold's settings at celeryconfig's defaults (the one place that gives them, under
+    this process's environment), with ``overrides``."""
+    import celeryconfig
+
+    return replace(Settings.from_conf(celeryconfig), database_url=database_url, **overrides)
+
+
+def reclaim_policy(**overrides: Any) -> ReclaimPolicy:
+    """The reclaim policy of the default settings, with ``overrides``."""
+    return replace(settings("sqlite://").reclaim_policy, **overrides)
 
 
 def hand_back(db: Database, lease: Lease, *, reason: str) -> Lease:
@@ -100,6 +136,12 @@ def release(
             error=error,
         )
     return done.epoch
+
+
+def fence_connection(fx: Fenced) -> Connection:
+    """The connection of an open fence, which its handle does not expose: for lock proofs and for
+    planting writes the product cannot make."""
+    return fx._connection()
 
 
 def running_lease(db: Database, *, tasks: int = 2, owner: str = "worker-1") -> Lease:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 from alembic import context
 
 from storage.database import open_database
@@ -16,7 +18,12 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    db = open_database(config.get_main_option("sqlalchemy.url") or None)
+    # `alembic upgrade head` from the project root: the store the configuration names (storage
+    # has no default URL of its own; `leasehold migrate` is the way that locks, use it).
+    url = config.get_main_option("sqlalchemy.url") or os.environ.get("LEASEHOLD_DATABASE_URL")
+    if not url:
+        raise SystemExit("set LEASEHOLD_DATABASE_URL, or run `leasehold migrate`")
+    db = open_database(url)
     try:
         with db.engine.connect() as conn:
             _run(conn)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,13 +19,11 @@ from tests import support
 from tests.support import hand_back
 
 ROOT = Path(__file__).resolve().parents[2]
-_SCRIPT = Path(sys.executable).parent / "leasehold"
-COMMAND = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "tasks.cli"]
+COMMAND = support.LEASEHOLD
 
 
 def leasehold(*args: str, url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LEASEHOLD_")}
-    env["LEASEHOLD_DATABASE_URL"] = url
+    env = support.environment(cwd, LEASEHOLD_DATABASE_URL=url)
     return subprocess.run(
         [*COMMAND, *args],
         cwd=cwd,

@@ -8,10 +8,8 @@ script in a subprocess, configured by LEASEHOLD_* only. (With real workers and b
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,16 +20,12 @@ from storage.migrate import head_revision, upgrade
 from tests import support
 from tests.e2e.helpers import client_app
 
-_SCRIPT = Path(sys.executable).parent / "leasehold"
-COMMAND = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "tasks.cli"]
+COMMAND = support.LEASEHOLD
 
 
 def environment(folder: Path, **variables: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LEASEHOLD_", "CELERY_"))}
-    env["LEASEHOLD_DATABASE_URL"] = f"sqlite:///{folder / 'leasehold.sqlite3'}"
-    env["LEASEHOLD_VAR_DIR"] = str(folder / "var")
-    env.update(variables)
-    return env
+    url = f"sqlite:///{folder / 'leasehold.sqlite3'}"
+    return support.environment(folder, **{"LEASEHOLD_DATABASE_URL": url, **variables})
 
 
 def doctor(env: dict[str, str], cwd: Path) -> tuple[int, dict[str, list[str]]]:

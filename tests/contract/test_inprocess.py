@@ -12,11 +12,13 @@ from typing import Any
 
 import pytest
 from celery.result import AsyncResult
+from sqlalchemy import update
 
 from leases import Lease, dispatch, mint_token, redeem
 from storage import applies, control, open_database
 from storage.database import Database
 from storage.states import ControlState
+from storage.tables import apply_tasks
 from tasks import runtime
 from tasks.app import app
 from tests import support
@@ -197,7 +199,11 @@ def test_bad_messages_fail_clearly_and_write_nothing(db: Database) -> None:
 
 
 def test_progress_is_visible_while_running_then_stop_and_resume(db: Database) -> None:
-    apply_id = sleep_apply(db, (0.05, 1.5))
+    """The second task sleeps 60 s, so the stop lands inside it however slow the machine is (a
+    stop takes effect at the owner's next heartbeat and safe point). Before the resume its
+    checkpoint is moved to 0.1 s before its end, as if it had run that long: the resumed run then
+    completes within ``RESULT_TIMEOUT`` only because it continues from the checkpoint."""
+    apply_id = sleep_apply(db, (0.05, 60.0))
     lease = dispatch(db, apply_id)
     result = run(lease)
 
@@ -225,8 +231,15 @@ def test_progress_is_visible_while_running_then_stop_and_resume(db: Database) ->
     }
     assert state_of(db, apply_id) == "stopped"
     assert control.get(db, answer["request_id"]).state == ControlState.COMPLETED
-    checkpoint = task_rows(db, apply_id)[1]["checkpoint"]
-    assert checkpoint["elapsed"] > 0
+    stopped_task = task_rows(db, apply_id)[1]
+    assert stopped_task["state"] == "pending"
+    assert 0 < stopped_task["checkpoint"]["elapsed"] < 60
+    with db.transaction() as conn:
+        conn.execute(
+            update(apply_tasks)
+            .where(apply_tasks.c.id == stopped_task["id"])
+            .values(checkpoint={"elapsed": 59.9})
+        )
 
     resumed = outcome_of(send(CONTROL, apply_id=apply_id, action="resume"))
     assert (resumed["request_state"], resumed["apply_state"]) == ("completed", "dispatched")
@@ -257,7 +270,7 @@ def test_a_rotation_mid_run_ends_the_task_lease_lost(db: Database) -> None:
 def test_handover_passes_the_apply_to_the_next_run(db: Database) -> None:
     """What a warm shutdown does (``runtime.hand_back_all``): the running apply stops at a safe
     point, its new lease is sent at once, and a worker resumes it from its checkpoint."""
-    apply_id = sleep_apply(db, (0.8,))
+    apply_id = sleep_apply(db, (3.0,))  # long enough to be running still at hand_back_all()
     lease = dispatch(db, apply_id)
     result = run(lease)
     wait_until(lambda: result.state == "PROGRESS", timeout=RESULT_TIMEOUT, what="PROGRESS")

@@ -15,61 +15,6 @@ from storage.errors import LeaseLost
 from tests import support
 from tests.support import hand_back
 
-TOKEN = "0123456789abcdef0123456789abcdef"
-
-
-def good() -> dict[str, Any]:
-    return {"apply_id": 7, "epoch": 3, "token": TOKEN}
-
-
-def _with(**changes: Any) -> dict[str, Any]:
-    data = good()
-    for key, value in changes.items():
-        if value is _DROP:
-            del data[key]
-        else:
-            data[key] = value
-    return data
-
-
-_DROP = object()
-
-
-BAD_PAYLOADS: list[tuple[str, object]] = [
-    ("missing apply_id", _with(apply_id=_DROP)),
-    ("missing epoch", _with(epoch=_DROP)),
-    ("missing token", _with(token=_DROP)),
-    ("empty object", {}),
-    ("unknown key", {**good(), "owner": "w1"}),
-    ("unknown key instead of token", {**_with(token=_DROP), "tok": TOKEN}),
-    ("bool apply_id", _with(apply_id=True)),
-    ("bool epoch", _with(epoch=True)),
-    ("str apply_id", _with(apply_id="7")),
-    ("str epoch", _with(epoch="3")),
-    ("float epoch", _with(epoch=3.0)),
-    ("null epoch", _with(epoch=None)),
-    ("zero epoch", _with(epoch=0)),
-    ("negative epoch", _with(epoch=-1)),
-    ("zero apply_id", _with(apply_id=0)),
-    ("negative apply_id", _with(apply_id=-7)),
-    ("apply_id beyond BIGINT", _with(apply_id=2**63)),
-    ("token too short", _with(token=TOKEN[:-1])),
-    ("token too long", _with(token=TOKEN + "0")),
-    ("token empty", _with(token="")),
-    ("token uppercase", _with(token=TOKEN.upper())),
-    ("token one uppercase char", _with(token="A" + TOKEN[1:])),
-    ("token non-hex", _with(token="g" + TOKEN[1:])),
-    ("token with trailing newline", _with(token=TOKEN[:-1] + "\n")),
-    ("token with spaces", _with(token=" " + TOKEN[1:])),
-    ("token as int", _with(token=int(TOKEN, 16))),
-    ("token as bytes", _with(token=TOKEN.encode())),
-    ("token null", _with(token=None)),
-    ("list", [7, 3, TOKEN]),
-    ("JSON text instead of object", json.dumps(good())),
-    ("null", None),
-    ("int", 7),
-]
-
 
 def _lease_lost_texts(exc: LeaseLost) -> list[str]:
     return [str(exc), repr(exc), *map(str, exc.args), "".join(traceback.format_exception(exc))]

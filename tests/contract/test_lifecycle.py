@@ -12,7 +12,6 @@ from sqlalchemy import select
 
 from leases import (
     Lease,
-    ReclaimPolicy,
     check,
     dispatch,
     fence,
@@ -180,7 +179,7 @@ def test_heartbeat_after_rotation_is_lease_lost(db: Database, how: str) -> None:
         release(db, lease, reason="tests")
     else:
         support.age_heartbeat(db, lease.apply_id, 100)
-        assert len(reclaim(db, ReclaimPolicy(stale_after=10))) == 1
+        assert len(reclaim(db, support.reclaim_policy(stale_after=10))) == 1
     before = support.snapshot(db)
     with pytest.raises(LeaseLost):
         heartbeat(db, lease)
@@ -195,6 +194,25 @@ def test_heartbeat_of_a_dispatched_lease_is_lease_lost(db: Database) -> None:
     with pytest.raises(LeaseLost, match="dispatched"):
         heartbeat(db, lease)
     assert support.snapshot(db) == before
+
+
+def test_heartbeat_of_a_lease_never_issued_is_lease_lost(db: Database) -> None:
+    """Every epoch has exactly one token: a heartbeat with the current epoch and another token, or
+    with the current token and another epoch, renews nothing (``heartbeat_at`` stays old)."""
+    lease = hand_back(db, support.running_lease(db), reason="tests")  # epoch 2: one below too
+    redeem(db, lease, "worker-2")
+    support.age_heartbeat(db, lease.apply_id, 40)
+    before = support.snapshot(db)
+    for forged in (
+        Lease(lease.apply_id, lease.epoch, mint_token()),
+        Lease(lease.apply_id, lease.epoch + 1, lease.token),
+        Lease(lease.apply_id, lease.epoch - 1, lease.token),
+    ):
+        with pytest.raises(LeaseLost):
+            heartbeat(db, forged)
+    assert support.snapshot(db) == before
+    heartbeat(db, lease)
+    assert applies_repo.get(db, lease.apply_id)["heartbeat_age"] < 40
 
 
 def test_heartbeat_unknown_apply(db: Database) -> None:
@@ -439,7 +457,7 @@ class Model:
 
 def test_log_epochs_never_decrease_over_a_mixed_run(db: Database) -> None:
     rng = random.Random(20261126)
-    policy = ReclaimPolicy(stale_after=30, dispatch_timeout=600, max_reclaims=1000)
+    policy = support.reclaim_policy(stale_after=30, dispatch_timeout=600, max_reclaims=1000)
     models = [
         Model(a.apply_id, a, "running") for a in (support.running_lease(db) for _ in range(3))
     ]

@@ -26,7 +26,6 @@ from storage.database import Database
 from storage.errors import LeaseLost
 from storage.states import ApplyState, ControlState
 from tasks import service
-from tasks.settings import Settings
 from tests import support
 from tests.celery_fixtures import SentLeases
 from tests.races import Spawn, Tap, holder_id, prove_blocked
@@ -124,7 +123,7 @@ def test_a_submit_waits_for_the_finishing_apply_of_its_line(
     submit = spawn("submit", lambda: leases.submit(submitting, new(database)))
     token = mint_token()
     with fence(finishing, running, finishing=True) as fx:
-        holder = holder_id(finishing, fx.connection)
+        holder = holder_id(finishing, support.fence_connection(fx))
         done = fenced.finish(
             fx,
             new_token=mint_token(),
@@ -164,7 +163,7 @@ def test_a_cancel_of_the_next_apply_waits_for_the_finishing_one_then_passes_the_
     )
     token = mint_token()
     with fence(finishing, running, finishing=True) as fx:
-        holder = holder_id(finishing, fx.connection)
+        holder = holder_id(finishing, support.fence_connection(fx))
         done = fenced.finish(
             fx,
             new_token=mint_token(),
@@ -203,7 +202,7 @@ def test_a_stop_asked_while_the_apply_finishes_still_ends(
         "stop", lambda: service.control_apply(controlling, running.apply_id, "stop", "ops", print)
     )
     with fence(finishing, running, finishing=True) as fx:
-        holder = holder_id(finishing, fx.connection)
+        holder = holder_id(finishing, support.fence_connection(fx))
         fenced.finish(
             fx,
             new_token=mint_token(),
@@ -286,7 +285,7 @@ def test_reclaim_passes_at_once_after_an_abandoned_apply_dispatch_the_next_once(
     support.age_heartbeat(db, running.apply_id, 120)
     dbs = [open_db(isolation_level=isolation) for _ in range(4)]
     sent = [SentLeases() for _ in dbs]
-    settings = Settings(database_url=str(db.engine.url), stale_after=30.0, max_reclaims=0)
+    settings = support.settings(str(db.engine.url), stale_after=30.0, max_reclaims=0)
     rotated = _together(
         spawn,
         [partial(service.reclaim_stale, d, settings, s) for d, s in zip(dbs, sent, strict=True)],

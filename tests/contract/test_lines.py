@@ -73,7 +73,7 @@ def finish(db: Database, lease: Lease, to_state: ApplyState = ApplyState.COMPLET
 
 
 def _settings(db: Database, **overrides: object) -> Settings:
-    return Settings(database_url=str(db.engine.url), **overrides)  # type: ignore[arg-type]
+    return support.settings(str(db.engine.url), **overrides)
 
 
 # --- submit ---------------------------------------------------------------------------------------

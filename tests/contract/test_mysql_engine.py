@@ -4,10 +4,8 @@ when the lease is lost."""
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,75 +13,14 @@ from sqlalchemy import create_engine, text
 
 from storage.errors import LeaseLost
 from tasks.engines import (
-    Engine,
     EngineCancelled,
     EngineContext,
     EngineError,
-    TaskSpec,
 )
 from tasks.engines.mysql import MySQLEngine
 from tests.celery_fixtures import wait_until
-from tests.conftest import scratch_mysql_database
-
-
-@dataclass
-class Recorder:
-    """An engine context's progress callback that records (percent, checkpoint)."""
-
-    calls: list[tuple[int, dict[str, Any] | None]] = field(default_factory=list)
-    raise_on_call: int | None = None  # raise LeaseLost on this call (0-based)
-
-    def __call__(self, percent: int, checkpoint: Mapping[str, Any] | None = None) -> None:
-        if self.raise_on_call is not None and len(self.calls) == self.raise_on_call:
-            self.calls.append((percent, None))
-            raise LeaseLost(1, 1, reason="test: rotated")
-        self.calls.append((percent, None if checkpoint is None else dict(checkpoint)))
-
-    @property
-    def percents(self) -> list[int]:
-        return [p for p, _ in self.calls]
-
-
-def spec(
-    ddl: str = "ALTER TABLE t ADD COLUMN c INT",
-    *,
-    options: Mapping[str, Any] | None = None,
-    checkpoint: Mapping[str, Any] | None = None,
-    database: str = "target",
-    table: str = "t",
-) -> TaskSpec:
-    return TaskSpec(
-        id=1,
-        position=0,
-        table_name=table,
-        ddl=ddl,
-        options=options or {},
-        database=database,
-        checkpoint=checkpoint,
-    )
-
-
-class Running:
-    """``engine.run`` in a thread, for cancelling it from the test."""
-
-    def __init__(self, engine: Engine, task: TaskSpec, ctx: EngineContext) -> None:
-        self.error: BaseException | None = None
-        self.ended_at: float | None = None
-        self._thread = threading.Thread(target=self._run, args=(engine, task, ctx), daemon=True)
-        self._thread.start()
-
-    def _run(self, engine: Engine, task: TaskSpec, ctx: EngineContext) -> None:
-        try:
-            engine.run(task, ctx)
-        except BaseException as exc:
-            self.error = exc
-        finally:
-            self.ended_at = time.monotonic()
-
-    def join(self, timeout: float) -> BaseException | None:
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), f"the engine did not stop within {timeout}s"
-        return self.error
+from tests.conftest import scratch_mysql_database, unavailable
+from tests.engine_doubles import Recorder, Running, spec
 
 
 @pytest.fixture(scope="module")
@@ -219,9 +156,9 @@ def test_mysql_kill_query_interrupts_a_long_statement(target: str) -> None:
     wait_until(lambda: _running_statements(target, "DO SLEEP(30)"), what="DO SLEEP on the server")
     cancelled_at = time.monotonic()
     ctx.cancelled.set()
-    assert isinstance(running.join(5), EngineCancelled)
+    assert isinstance(running.join(20), EngineCancelled)
     assert running.ended_at is not None
-    assert running.ended_at - cancelled_at < 2.0
+    assert running.ended_at - cancelled_at < 20  # killed: the statement itself sleeps 30 s
     assert _running_statements(target, "DO SLEEP(30)") == 0
 
 
@@ -234,7 +171,9 @@ def test_mysql_kill_query_interrupts_a_long_alter(target: str) -> None:
         "WHERE ENGINE = 'SEQUENCE' AND SUPPORT IN ('YES', 'DEFAULT')",
     )
     if not has_sequence:
-        pytest.skip("SKIPPED, NOT TESTED: the server has no SEQUENCE engine (MariaDB's)")
+        # MariaDB has had it since 10.0 (CI's is 10.11); MySQL never has: there, a skip locally
+        # and a failure under CI, like any other service this suite needs and cannot find.
+        unavailable("the MariaDB/MySQL server has no SEQUENCE engine (MariaDB's), needed here")
     engine = create_engine(target)
     with engine.begin() as conn:
         conn.execute(
@@ -251,10 +190,10 @@ def test_mysql_kill_query_interrupts_a_long_alter(target: str) -> None:
     wait_until(lambda: _running_statements(target, "ALTER TABLE big%"), what="the ALTER to run")
     cancelled_at = time.monotonic()
     ctx.cancelled.set()
-    assert isinstance(running.join(10), EngineCancelled)
+    assert isinstance(running.join(30), EngineCancelled)
     assert running.ended_at is not None
-    assert running.ended_at - cancelled_at < 2.0
-    assert mysql.already_applied(task) is False
+    assert running.ended_at - cancelled_at < 30  # generous: the kill, not the time, is tested
+    assert mysql.already_applied(task) is False  # the ALTER was killed, not completed
 
 
 @pytest.mark.mysql

@@ -92,7 +92,7 @@ def age_claim(db: Database, apply_id: int, seconds: float) -> None:
 
 
 def settings(db: Database, **overrides: Any) -> Settings:
-    return Settings(database_url=str(db.engine.url), **overrides)
+    return support.settings(str(db.engine.url), **overrides)
 
 
 # --- recorded at submit, due when the apply ends --------------------------------------------------

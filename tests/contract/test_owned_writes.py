@@ -7,20 +7,20 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from sqlalchemy import select, text, update
 
-from leases import Lease, ReclaimPolicy, fence, mint_token, reclaim, redeem
+from leases import Lease, fence, mint_token, reclaim, redeem
 from storage import applies as applies_repo
 from storage import control, fenced, open_database
 from storage.database import Database
 from storage.errors import ApplyNotFound, FenceClosed, LeaseholdError, LeaseLost, RowNotFound
 from storage.fenced import Fenced
 from storage.states import ApplyState, ControlState, TaskState
-from storage.tables import apply_logs, apply_tasks
+from storage.tables import apply_logs, apply_tasks, metadata
 from tests import support
 from tests.support import hand_back, release
 
@@ -100,7 +100,7 @@ def _after_release(db: Database, lease: Lease) -> Lease:
 
 def _after_reclaim(db: Database, lease: Lease) -> Lease:
     support.age_heartbeat(db, lease.apply_id, 120)
-    (done,) = reclaim(db, ReclaimPolicy(stale_after=60))
+    (done,) = reclaim(db, support.reclaim_policy(stale_after=60))
     assert done.apply_id == lease.apply_id
     return lease
 
@@ -111,6 +111,11 @@ def _forged_token(db: Database, lease: Lease) -> Lease:
 
 def _forged_next_epoch(db: Database, lease: Lease) -> Lease:
     return Lease(lease.apply_id, lease.epoch + 1, mint_token())
+
+
+def _forged_epoch_current_token(db: Database, lease: Lease) -> Lease:
+    # The fence's SELECT matches (token, running); only its comparison of epochs refuses this.
+    return Lease(lease.apply_id, lease.epoch + 1, lease.token)
 
 
 def _unknown_apply(db: Database, lease: Lease) -> Lease:
@@ -124,6 +129,7 @@ STALE: dict[str, tuple[Callable[[Database, Lease], Lease], type[LeaseholdError]]
     "reclaim": (_after_reclaim, LeaseLost),
     "forged_token": (_forged_token, LeaseLost),
     "forged_next_epoch": (_forged_next_epoch, LeaseLost),
+    "forged_epoch_current_token": (_forged_epoch_current_token, LeaseLost),
     "unknown_apply": (_unknown_apply, ApplyNotFound),
 }
 
@@ -164,14 +170,229 @@ def test_write_fails_closed_on_a_dispatched_lease_nobody_redeemed(db: Database, 
     assert support.snapshot(db) == before
 
 
+class _Set:
+    """Matches any value but None: a time the database set, an id it assigned."""
+
+    def __eq__(self, other: object) -> bool:
+        return other is not None
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return "<set>"
+
+
+class _Other:
+    """Matches any value but None and ``value``: a newly minted token."""
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return other is not None and other != self.value
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<not {self.value!r}>"
+
+
+SET: Any = _Set()
+
+Rows = dict[str, dict[tuple[Any, ...], dict[str, Any]]]
+
+
+def rows_by_key(db: Database) -> Rows:
+    """Every row of every leasehold table as a dict, by primary key."""
+    out: Rows = {}
+    with db.transaction() as conn:
+        for name in support.TABLES:
+            table = metadata.tables[name]
+            key = [c.name for c in table.primary_key.columns]
+            out[name] = {
+                tuple(r[k] for k in key): dict(r) for r in conn.execute(select(table)).mappings()
+            }
+    return out
+
+
+@dataclass(frozen=True)
+class Effect:
+    """What one owned write must do, and nothing else: the rows it updates (by primary key, the
+    columns it sets and their values; every other column keeps its value) and the rows it adds."""
+
+    updated: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
+    added: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+def assert_effect(before: Rows, after: Rows, effect: Effect) -> None:
+    for name in support.TABLES:
+        old, new = before[name], after[name]
+        assert [key for key in old if key not in new] == [], f"{name}: rows removed"
+        added = [row for key, row in new.items() if key not in old]
+        assert added == effect.added.get(name, []), f"{name}: rows added"
+        changed = {
+            key: {column for column, value in row.items() if old[key][column] != value}
+            for key, row in new.items()
+            if key in old and row != old[key]
+        }
+        wanted = effect.updated.get(name, {})
+        assert sorted(changed) == sorted(wanted), f"{name}: rows updated"
+        for key, values in wanted.items():
+            beyond = changed[key] - set(values)
+            assert not beyond, f"{name} {key}: columns changed besides {sorted(values)}: {beyond}"
+            assert {column: new[key][column] for column in values} == values, f"{name} {key}"
+
+
+def expected_effect(write: str, lease: Lease, target: Target, tasks: list[int]) -> Effect:
+    apply, epoch = (lease.apply_id,), lease.epoch
+    task = (target.task_id,)
+    log = {"id": SET, "apply_id": lease.apply_id, "level": "info", "created_at": SET}
+    effects = {
+        "set_apply_state": Effect(
+            updated={
+                "applies": {
+                    apply: {
+                        "state": "failed",
+                        "error": "engine crashed",
+                        "finished_at": SET,
+                        "updated_at": SET,
+                    }
+                }
+            }
+        ),
+        "update_task": Effect(
+            updated={
+                "apply_tasks": {
+                    task: {
+                        "state": "running",
+                        "progress": 55,
+                        "checkpoint": {"row": 10},
+                        "lease_epoch": epoch,
+                    }
+                }
+            }
+        ),
+        "append_log": Effect(
+            added={
+                "apply_logs": [
+                    {**log, "lease_epoch": epoch, "event": "progress", "message": "55% done"}
+                ]
+            }
+        ),
+        "record_comment": Effect(
+            added={
+                "apply_comments": [
+                    {
+                        "apply_id": lease.apply_id,
+                        "kind": "summary",
+                        "github_comment_id": 1001,
+                        "edit_count": 0,
+                        "last_epoch": epoch,
+                        "body_sha256": "ab" * 32,
+                        "updated_at": SET,
+                    }
+                ]
+            }
+        ),
+        "record_check": Effect(
+            added={
+                "checks": [
+                    {
+                        "apply_id": lease.apply_id,
+                        "github_check_run_id": 2002,
+                        "status": "in_progress",
+                        "conclusion": None,
+                        "last_epoch": epoch,
+                        "updated_at": SET,
+                    }
+                ]
+            }
+        ),
+        "finish_control_request": Effect(
+            updated={
+                "control_requests": {
+                    (target.request_id,): {
+                        "state": "completed",
+                        "completed_at": SET,
+                        "error": None,
+                        "pending_action": None,
+                    }
+                }
+            }
+        ),
+        "start_task": Effect(
+            updated={
+                "apply_tasks": {task: {"state": "running", "lease_epoch": epoch, "started_at": SET}}
+            }
+        ),
+        "finish_task": Effect(
+            updated={
+                "apply_tasks": {
+                    task: {
+                        "state": "completed",
+                        "progress": 100,
+                        "lease_epoch": epoch,
+                        "finished_at": SET,
+                    }
+                }
+            }
+        ),
+        "cancel_unfinished_tasks": Effect(
+            updated={
+                "apply_tasks": {
+                    (t,): {"state": "cancelled", "lease_epoch": epoch, "finished_at": SET}
+                    for t in tasks
+                }
+            }
+        ),
+        # A rotation away (not terminal: the pending stop request is left for whoever acts on it).
+        "end_lease": Effect(
+            updated={
+                "applies": {
+                    apply: {
+                        "state": "stopped",
+                        "lease_epoch": epoch + 1,
+                        "lease_token": _Other(lease.token),
+                        "lease_owner": None,
+                        "lease_acquired_at": None,
+                        "heartbeat_at": SET,
+                        "updated_at": SET,
+                    }
+                }
+            },
+            added={
+                "apply_logs": [
+                    {
+                        **log,
+                        "lease_epoch": epoch + 1,
+                        "event": "stopped",
+                        "message": f"epoch {epoch + 1}: tests",
+                    }
+                ]
+            },
+        ),
+    }
+    assert set(effects) == set(WRITES)
+    return effects[write]
+
+
 @pytest.mark.parametrize("write", list(WRITES))
 def test_write_lands_with_the_current_lease(db: Database, write: str) -> None:
+    """Each owned write, under the current lease, does exactly its own change: the rows and
+    columns it names, at the lease's epoch, and nothing else in any table: not a row of another
+    running apply with the same kinds of rows either."""
     lease = support.running_lease(db)
     target = _target(db, lease.apply_id)
-    before = support.snapshot(db)
+    bystander = support.running_lease(db, owner="worker-2")
+    _target(db, bystander.apply_id)
+    with fence(db, bystander) as fx:
+        fenced.record_comment(fx, kind="summary", github_comment_id=9, body_sha256="cd" * 32)
+        fenced.record_check(fx, check_run_id=9, status="queued")
+    before = rows_by_key(db)
     with fence(db, lease) as fx:
         WRITES[write](fx, target)
-    assert support.snapshot(db) != before
+    effect = expected_effect(write, lease, target, support.task_ids(db, lease.apply_id))
+    assert_effect(before, rows_by_key(db), effect)
 
 
 def test_writes_are_stamped_with_the_lease_epoch(db: Database) -> None:
@@ -341,8 +562,8 @@ def test_noop_update_reports_one_matched_row(db: Database) -> None:
         .values(progress=apply_tasks.c.progress, state=apply_tasks.c.state)
     )
     with fence(db, lease) as fx:
-        assert fx.connection.execute(noop).rowcount == 1
-        assert fx.connection.execute(noop).rowcount == 1
+        assert support.fence_connection(fx).execute(noop).rowcount == 1
+        assert support.fence_connection(fx).execute(noop).rowcount == 1
 
 
 def test_mariadb_counts_matched_rows_only_because_of_found_rows(mysql_server: str) -> None:
@@ -405,7 +626,7 @@ def test_handle_is_closed_after_the_block(db: Database) -> None:
         with pytest.raises(FenceClosed):
             write(fx, target)
     with pytest.raises(FenceClosed):
-        _ = fx.connection
+        _ = support.fence_connection(fx)
     assert support.snapshot(db) == before
 
 

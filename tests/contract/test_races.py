@@ -17,6 +17,13 @@ another acts, and the test proves the second one is *blocked* before letting the
 A short ``join`` afterwards is only the negative check that the blocked thread has not finished;
 the decisive assertions are the outcomes after the holder commits. Nothing sleeps to synchronize:
 polls have deadlines, joins have timeouts, so a bug fails a test instead of hanging it.
+
+Where the holder is a fence, the acting party starts (and is proved blocked) before the fenced
+block writes anything: a log line's foreign key share-locks the applies row, which would hold a
+rotation back as well and hide a fence that locks nothing. Where reclaim must skip a locked row
+(MySQL), seeing it in a lock wait fails the test at once. ``test_fence_shapes.py`` proves each
+clause of the lease statements on its own; ``make mutants`` (``scripts/mutants.py``) breaks each
+one and checks that these tests notice.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import pytest
 from sqlalchemy import Connection, RowMapping, event, exists
 
 import leases
-from leases import Lease, Reclaimed, ReclaimPolicy, mint_token
+from leases import Lease, Reclaimed, mint_token
 from storage import _leasing as leasing
 from storage import _statements as statements
 from storage import applies as applies_repo
@@ -46,9 +53,12 @@ from tests.races import (
     POLL,
     Spawn,
     Tap,
+    Worker,
     connection_id,
     holder_id,
+    innodb_transactions,
     prove_blocked,
+    wait_until,
 )
 
 T = TypeVar("T")
@@ -68,6 +78,31 @@ ISOLATIONS = pytest.mark.parametrize(
 
 
 # --- reading what was written ---------------------------------------------------------------------
+
+
+def returned_without_waiting(observer: Database, worker: Worker[T], tap: Tap, *, what: str) -> T:
+    """MySQL: ``worker`` (started) finishes, and until it does, InnoDB never shows any of its
+    connections in ``LOCK WAIT``: it skips locked rows rather than waiting for them. A worker that
+    waits fails the test as soon as the wait is seen, not after a timeout."""
+
+    def waiting() -> list[str]:
+        now = innodb_transactions(observer)
+        return [
+            str(now[cid].waiting_for)
+            for cid in tap.connection_ids(worker.thread)
+            if cid in now and now[cid].waiting_for is not None
+        ]
+
+    def settled() -> bool:
+        if not worker.thread.is_alive():
+            return True
+        seen = waiting()
+        if seen:
+            pytest.fail(f"{what} waits for a lock on {seen} instead of skipping it", pytrace=False)
+        return False
+
+    wait_until(settled, f"{what} returns", timeout=POLL)
+    return worker.result()
 
 
 def logs(db: Database, apply_id: int) -> list[RowMapping]:
@@ -159,11 +194,13 @@ def test_fenced_write_in_flight_makes_hand_back_wait(
     )
 
     with leases.fence(writing, lease) as fx:
-        holder = holder_id(writing, fx.connection)
-        fenced.append_log(fx, "in-flight", "written before the rotation")
-        fenced.update_task(fx, task, progress=50)
+        holder = holder_id(writing, support.fence_connection(fx))
+        # Blocked before the block writes anything: by the fence's own lock, not by the shared
+        # lock that the log line's foreign key takes on the applies row.
         rotator.start()
         prove_blocked(db, rotator, tap, holder=holder, what="hand_back")
+        fenced.append_log(fx, "in-flight", "written before the rotation")
+        fenced.update_task(fx, task, progress=50)
 
     new = rotator.result()
     assert new.epoch == lease.epoch + 1
@@ -190,23 +227,25 @@ def test_reclaim_skips_a_fenced_write_in_flight_and_rotates_after_it(
     waiting; the next pass rotates it. SQLite: the pass waits for the write lock, then rotates."""
     lease = support.running_lease(db)
     support.age_heartbeat(db, lease.apply_id, 120)
-    policy = ReclaimPolicy(stale_after=60)
+    policy = support.reclaim_policy(stale_after=60)
     writing, reclaiming = open_db(isolation_level=isolation), open_db(isolation_level=isolation)
     tap = Tap(reclaiming)
     reclaimer = spawn("reclaim", lambda: leases.reclaim(reclaiming, policy))
 
     with leases.fence(writing, lease) as fx:
-        holder = holder_id(writing, fx.connection)
-        fenced.append_log(fx, "in-flight", "written before the reclaim")
+        holder = holder_id(writing, support.fence_connection(fx))
+        # The pass starts before the block writes anything: only the fence's own lock is held.
         reclaimer.start()
         if db.is_sqlite:
             prove_blocked(db, reclaimer, tap, holder=holder, what="the reclaim pass")
         else:
-            # Returned while the fenced transaction is still open: it skipped, it did not wait.
-            assert reclaimer.result(timeout=POLL) == []
-            assert fx.connection.execute(statements.current_epoch(lease.apply_id)).scalar_one() == (
-                lease.epoch
-            )
+            # Returned while the fenced transaction is still open, never seen in a lock wait: it
+            # skipped the row, it did not wait for it.
+            assert returned_without_waiting(db, reclaimer, tap, what="the reclaim pass") == []
+            assert support.fence_connection(fx).execute(
+                statements.current_epoch(lease.apply_id)
+            ).scalar_one() == (lease.epoch)
+        fenced.append_log(fx, "in-flight", "written before the reclaim")
 
     reclaimed = reclaimer.result() if db.is_sqlite else leases.reclaim(reclaiming, policy)
     assert [(r.apply_id, r.previous_epoch) for r in reclaimed] == [(lease.apply_id, lease.epoch)]
@@ -240,10 +279,10 @@ def test_heartbeat_waiting_on_a_fence_does_not_deadlock_its_closing_rotation(
     heartbeat = spawn("heartbeat", lambda: leases.heartbeat(beating, lease))
 
     with leases.fence(fencing, lease) as fx:
-        holder = holder_id(fencing, fx.connection)
-        fenced.append_log(fx, "in-flight", "the last write before stopping")
-        heartbeat.start()
+        holder = holder_id(fencing, support.fence_connection(fx))
+        heartbeat.start()  # before any write: the fence's own lock is what it waits for
         prove_blocked(db, heartbeat, tap, holder=holder, what="the heartbeat")
+        fenced.append_log(fx, "in-flight", "the last write before stopping")
         new_epoch = fenced.end_lease(
             fx,
             new_token=mint_token(),
@@ -557,7 +596,7 @@ def test_two_reclaim_passes_at_once_rotate_each_stale_apply_once(
 ) -> None:
     held = stale_applies(db)
     # Small batches, so that the two passes interleave batch by batch.
-    policy = ReclaimPolicy(stale_after=60, batch_size=7)
+    policy = support.reclaim_policy(stale_after=60, batch_size=7)
     first, second = open_db(isolation_level=isolation), open_db(isolation_level=isolation)
 
     def reclaim(each: Database) -> Callable[[], list[Reclaimed]]:
@@ -597,10 +636,12 @@ def test_reclaim_pass_beside_a_batch_held_open_never_rotates_twice(
     holding, other = open_db(isolation_level=isolation), open_db(isolation_level=isolation)
     pause, tap = PauseBeforeCommit(holding), Tap(other)
     first = spawn(
-        "first-pass", lambda: leases.reclaim(holding, ReclaimPolicy(stale_after=60, batch_size=10))
+        "first-pass",
+        lambda: leases.reclaim(holding, support.reclaim_policy(stale_after=60, batch_size=10)),
     )
     second = spawn(
-        "second-pass", lambda: leases.reclaim(other, ReclaimPolicy(stale_after=60, batch_size=7))
+        "second-pass",
+        lambda: leases.reclaim(other, support.reclaim_policy(stale_after=60, batch_size=7)),
     )
 
     try:
@@ -610,8 +651,10 @@ def test_reclaim_pass_beside_a_batch_held_open_never_rotates_twice(
         if db.is_sqlite:
             prove_blocked(db, second, tap, holder=None, what="the second reclaim pass")
         else:
-            # Finished while the first batch is still open: its locked rows were skipped.
-            assert len(second.result(timeout=POLL)) == STALE - 10
+            # Finished while the first batch is still open, never seen in a lock wait: its
+            # locked rows were skipped.
+            second_pass = returned_without_waiting(db, second, tap, what="the second reclaim pass")
+            assert len(second_pass) == STALE - 10
         assert first.thread.is_alive()
     finally:
         pause.release.set()

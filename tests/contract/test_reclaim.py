@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from leases import Lease, ReclaimPolicy, check, dispatch, fence, heartbeat, reclaim, redeem
+from leases import Lease, check, dispatch, fence, heartbeat, reclaim, redeem
 from storage import applies as applies_repo
 from storage import fenced
 from storage.database import Database
@@ -17,7 +17,9 @@ from storage.states import ApplyState
 from tests import support
 from tests.support import hand_back, release
 
-POLICY = ReclaimPolicy(stale_after=30, dispatch_timeout=120, max_reclaims=3, batch_size=100)
+POLICY = support.reclaim_policy(
+    stale_after=30, dispatch_timeout=120, max_reclaims=3, batch_size=100
+)
 
 
 def _rows(db: Database, apply_id: int) -> dict[str, list[tuple[object, ...]]]:
@@ -84,7 +86,7 @@ def test_dispatched_apply_is_redispatched_only_after_dispatch_timeout(db: Databa
 def test_a_running_apply_is_not_reclaimed_by_the_dispatch_timeout(db: Database) -> None:
     """A running apply goes by stale_after only, even if its heartbeat is just under it."""
     lease = support.running_lease(db)
-    policy = ReclaimPolicy(stale_after=300, dispatch_timeout=10)
+    policy = support.reclaim_policy(stale_after=300, dispatch_timeout=10)
     support.age_heartbeat(db, lease.apply_id, 100)
     assert reclaim(db, policy) == []
 
@@ -148,7 +150,7 @@ def test_rotation_and_its_log_commit_together(db: Database) -> None:
 
 
 def test_apply_fails_as_abandoned_after_max_reclaims(db: Database) -> None:
-    policy = ReclaimPolicy(stale_after=30, dispatch_timeout=120, max_reclaims=2)
+    policy = support.reclaim_policy(stale_after=30, dispatch_timeout=120, max_reclaims=2)
     lease = support.running_lease(db)
     for n in (1, 2):
         support.age_heartbeat(db, lease.apply_id, 60)
@@ -186,7 +188,7 @@ def test_apply_fails_as_abandoned_after_max_reclaims(db: Database) -> None:
 
 
 def test_max_reclaims_zero_abandons_a_never_redeemed_dispatch(db: Database) -> None:
-    policy = ReclaimPolicy(stale_after=30, dispatch_timeout=120, max_reclaims=0)
+    policy = support.reclaim_policy(stale_after=30, dispatch_timeout=120, max_reclaims=0)
     lease = dispatch(db, support.new_apply(db))
     support.age_heartbeat(db, lease.apply_id, 121)
     (done,) = reclaim(db, policy)
@@ -203,7 +205,7 @@ def test_max_reclaims_zero_abandons_a_never_redeemed_dispatch(db: Database) -> N
 
 
 def test_batches_reclaim_every_stale_apply(db: Database) -> None:
-    policy = ReclaimPolicy(stale_after=30, dispatch_timeout=120, batch_size=2)
+    policy = support.reclaim_policy(stale_after=30, dispatch_timeout=120, batch_size=2)
     running = [support.running_lease(db) for _ in range(5)]
     dispatched = [dispatch(db, support.new_apply(db)) for _ in range(3)]
     fresh = support.running_lease(db)
@@ -225,7 +227,7 @@ def test_batches_reclaim_every_stale_apply(db: Database) -> None:
 
 
 def test_exact_multiple_of_the_batch_size(db: Database) -> None:
-    policy = ReclaimPolicy(stale_after=30, batch_size=2)
+    policy = support.reclaim_policy(stale_after=30, batch_size=2)
     leases = [support.running_lease(db) for _ in range(4)]
     for lease in leases:
         support.age_heartbeat(db, lease.apply_id, 31)
@@ -243,7 +245,7 @@ def test_finished_and_stopped_applies_are_never_touched(db: Database, state: App
     support.age_heartbeat(db, lease.apply_id, 10**6)
     support.age_heartbeat(db, pending, 10**6)  # a pending apply with a heartbeat set by hand
     before = support.snapshot(db)
-    assert reclaim(db, ReclaimPolicy(stale_after=1, dispatch_timeout=1)) == []
+    assert reclaim(db, support.reclaim_policy(stale_after=1, dispatch_timeout=1)) == []
     assert support.snapshot(db) == before
 
 

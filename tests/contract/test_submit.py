@@ -20,7 +20,7 @@ from tests.payloads import TARGETS, github, good, with_task
 
 
 def _settings(db: Database) -> Settings:
-    return Settings(database_url=str(db.engine.url), targets=TARGETS)
+    return support.settings(str(db.engine.url), targets=TARGETS)
 
 
 @pytest.mark.parametrize(

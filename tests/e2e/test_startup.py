@@ -3,7 +3,6 @@ another revision, with one line and exit status 1."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,18 +12,13 @@ from sqlalchemy import text
 
 from storage import open_database
 from storage.migrate import head_revision, upgrade
-from tests.celery_fixtures import REPO
+from tests import support
 
 pytestmark = pytest.mark.slow
 
 
 def _env(tmp_path: Path, **variables: str) -> dict[str, str]:
-    """A clean environment: no LEASEHOLD_* leaks in from the caller's shell or CI."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LEASEHOLD_", "CELERY"))}
-    env["PYTHONPATH"] = str(REPO)
-    env["LEASEHOLD_VAR_DIR"] = str(tmp_path / "var")
-    env.update(variables)
-    return env
+    return support.environment(tmp_path, **variables)
 
 
 @pytest.mark.parametrize("command", ["worker", "beat"])

@@ -4,11 +4,14 @@ exists (the ``celery -A tasks`` subcommands and their options, parsed by Celery'
 ``leasehold migrate``, parsed by the console script's parser); every LEASEHOLD_* variable set is
 one the code reads, and the whole environment configures ``celeryconfig`` as intended; MySQL and
 Redis have health checks; Flower is published on 127.0.0.1 only; ``docker compose config`` accepts
-the file wherever the compose plugin exists (skipped, with the reason, where it does not)."""
+the file where the compose plugin exists, and where it does not (this machine, CI) the same checks
+run in-process against the Compose Specification's schema (shipped by check-jsonschema)."""
 
 from __future__ import annotations
 
+import copy
 import importlib
+import importlib.resources
 import json
 import os
 import re
@@ -16,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,8 @@ import pytest
 import yaml
 
 from tasks import cli
+from tests import support
+from tests.conftest import unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -171,10 +176,9 @@ def test_essential_settings_for_every_app_service(services: dict[str, Any]) -> N
 def celery_settings(services: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Any:
     """celeryconfig as a worker of the compose file loads it: a fresh interpreter with exactly
     the compose environment (the import also validates the intervals against each other)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LEASEHOLD_")}
-    env.update({k: v for k, v in environment(services["worker-1"]).items() if v is not None})
-    env["LEASEHOLD_VAR_DIR"] = str(tmp_path_factory.mktemp("var"))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    compose = {k: v for k, v in environment(services["worker-1"]).items() if v is not None}
+    compose.pop("LEASEHOLD_VAR_DIR", None)  # the container's path; ours is a scratch folder
+    env = support.environment(tmp_path_factory.mktemp("compose"), **compose)
     script = (
         "import json, celeryconfig as c; print(json.dumps({k: getattr(c, k) for k in dir(c) "
         "if k.startswith('leasehold_') or k in ('broker_url', 'result_backend')}, default=str))"
@@ -282,25 +286,118 @@ def test_dockerfile_builds_the_project_as_a_non_root_user() -> None:
     assert {".venv", "var"} <= set(ignored)
 
 
-def _compose_plugin() -> str:
-    """The docker client, if its compose plugin answers; skip (with why) where it does not."""
+def _compose_plugin() -> str | None:
+    """The docker client, if its compose plugin answers; None where it does not (this machine's
+    and CI's docker client has no compose plugin)."""
     docker = shutil.which("docker")
     if docker is None:
-        pytest.skip("no docker client here, so `docker compose config` cannot run")
+        return None
     version = subprocess.run(
         [docker, "compose", "version"], capture_output=True, text=True, timeout=60, check=False
     )
-    if version.returncode != 0:
-        reason = (version.stderr or version.stdout).strip().splitlines()
-        pytest.skip(
-            "`docker compose version` fails (no compose plugin), so `docker compose config` "
-            f"cannot run: {reason[0] if reason else version.returncode}"
+    return docker if version.returncode == 0 else None
+
+
+# --- the compose file checked as `docker compose config` checks it, without the plugin ---------
+
+# Compose's interpolation: $$ (a literal $), $NAME, ${NAME}, ${NAME-x}, ${NAME:-x}, ${NAME?x},
+# ${NAME:?x}, ${NAME+x}, ${NAME:+x}. Any other $ is an "invalid interpolation format" to compose.
+_DOLLAR = re.compile(
+    r"\$\$|\$[A-Za-z_][A-Za-z0-9_]*|\$\{[A-Za-z_][A-Za-z0-9_]*(?:(?::?[-?+])[^}]*)?\}|\$"
+)
+
+
+def interpolation_problems(value: Any) -> list[str]:
+    """Every string of the (parsed, not yet interpolated) document whose ``$`` compose would
+    refuse; comments are not interpolated, so they are not looked at."""
+    if isinstance(value, str):
+        bad = [m.start() for m in _DOLLAR.finditer(value) if m.group() == "$"]
+        return [f"invalid interpolation format: {value!r}"] if bad else []
+    if isinstance(value, list):
+        return [p for v in value for p in interpolation_problems(v)]
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in interpolation_problems(v)]
+    return []
+
+
+def interpolated(value: Any) -> Any:
+    """The document as compose sees it with no variable set: every string interpolated."""
+    if isinstance(value, str):
+        return interpolate(value.replace("$$", "\x00")).replace("\x00", "$")
+    if isinstance(value, list):
+        return [interpolated(v) for v in value]
+    if isinstance(value, dict):
+        return {k: interpolated(v) for k, v in value.items()}
+    return value
+
+
+def compose_schema() -> dict[str, Any]:
+    """The Compose Specification's JSON schema, as check-jsonschema vendors it (the schema
+    `docker compose config` validates against); ``unavailable`` where it is not installed."""
+    try:
+        vendor = importlib.resources.files("check_jsonschema.builtin_schemas.vendor")
+        schema = json.loads((vendor / "compose-spec.json").read_text())
+    except (ModuleNotFoundError, FileNotFoundError) as exc:
+        unavailable(
+            "the docker client has no compose plugin and check-jsonschema (which ships the "
+            "Compose Specification's schema) is not installed, so docker-compose.yml cannot be "
+            f"validated; install check-jsonschema (the dev extra should hold it): {exc}"
         )
-    return docker
+    assert isinstance(schema, dict)
+    return schema
+
+
+def _named_volume(volume: Any) -> str | None:
+    if isinstance(volume, dict):
+        return str(volume["source"]) if volume.get("type", "volume") == "volume" else None
+    source = str(volume).split(":", 1)[0] if ":" in str(volume) else None
+    if source is None or source.startswith(("/", ".", "~", "$")):
+        return None  # an anonymous volume or a bind mount
+    return source
+
+
+def compose_problems(document: Any, schema: dict[str, Any]) -> list[str]:
+    """What `docker compose config` refuses, short of building anything: the Compose
+    Specification's schema (after interpolation), and references to services, volumes and
+    networks that the file does not declare."""
+    # Installed with check-jsonschema, which ships no type hints for it.
+    jsonschema: Any = importlib.import_module("jsonschema")
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    problems = [
+        f"{'/'.join(map(str, error.absolute_path)) or '(top)'}: {error.message}"
+        for error in sorted(validator.iter_errors(document), key=lambda e: list(e.path))
+    ]
+    if not isinstance(document, dict) or not isinstance(document.get("services"), dict):
+        return [*problems, "no services"]
+    services = document["services"]
+    declared = {kind: set(document.get(kind) or {}) for kind in ("volumes", "networks")}
+    for name, service in services.items():
+        if not isinstance(service, dict):
+            continue
+        depends = service.get("depends_on") or []
+        for other in depends if isinstance(depends, list) else list(depends):
+            if other not in services:
+                problems.append(f"services/{name}/depends_on: undefined service {other!r}")
+        for volume in service.get("volumes") or []:
+            named = _named_volume(volume)
+            if named is not None and named not in declared["volumes"]:
+                problems.append(f"services/{name}/volumes: undefined volume {named!r}")
+        for network in service.get("networks") or []:
+            if network != "default" and network not in declared["networks"]:
+                problems.append(f"services/{name}/networks: undefined network {network!r}")
+    return problems
 
 
 def test_docker_compose_config_accepts_the_file() -> None:
+    """`docker compose config` where the compose plugin exists; elsewhere (here and in CI: the
+    docker client has no compose plugin) the same checks done in-process: interpolation syntax,
+    the Compose Specification's schema, and references between services, volumes, networks."""
     docker = _compose_plugin()
+    if docker is None:
+        raw = yaml.safe_load(COMPOSE.read_text())
+        assert interpolation_problems(raw) == []
+        assert compose_problems(interpolated(raw), compose_schema()) == []
+        return
     env = {k: v for k, v in os.environ.items() if k != "MYSQL_PASSWORD"}
     done = subprocess.run(
         [docker, "compose", "--file", str(COMPOSE), "config", "--quiet"],
@@ -312,3 +409,38 @@ def test_docker_compose_config_accepts_the_file() -> None:
         check=False,
     )
     assert done.returncode == 0, f"docker compose config:\n{done.stderr}"
+
+
+def _broken(change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    document: dict[str, Any] = copy.deepcopy(interpolated(yaml.safe_load(COMPOSE.read_text())))
+    change(document)
+    return document
+
+
+BREAKAGES: dict[str, Callable[[dict[str, Any]], None]] = {
+    "misspelt key": lambda d: d["services"]["beat"].update(comand=["celery"]),
+    "unknown depends_on condition": lambda d: d["services"]["migrate"]["depends_on"][
+        "mysql"
+    ].update(condition="service_ready"),
+    "command of the wrong type": lambda d: d["services"]["beat"].update(command={"run": 1}),
+    "port that is no port": lambda d: d["services"]["flower"].update(ports=[["5555"]]),
+    "restart as a bool": lambda d: d["services"]["migrate"].update(restart=False),
+    "undefined service": lambda d: d["services"]["beat"]["depends_on"].update(
+        cache={"condition": "service_started"}
+    ),
+    "undefined volume": lambda d: d["services"]["redis"].update(volumes=["cache:/data"]),
+    "unknown top-level key": lambda d: d.update(service={}),
+}
+
+
+@pytest.mark.parametrize("breakage", list(BREAKAGES))
+def test_the_in_process_check_refuses_what_compose_refuses(breakage: str) -> None:
+    """The fallback is a real check: each of these breakages, which `docker compose config`
+    refuses, is refused by it too."""
+    assert compose_problems(_broken(BREAKAGES[breakage]), compose_schema()) != []
+
+
+def test_the_in_process_check_refuses_a_bad_interpolation() -> None:
+    assert interpolation_problems({"a": ["${OK:-1} $$ $OK ${OK} ${OK?why}"]}) == []
+    for bad in ("${NOT OK}", "cost: 5$", "${}", "$ {OK}"):
+        assert interpolation_problems({"a": [bad]}) != [], bad

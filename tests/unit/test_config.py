@@ -4,14 +4,13 @@ exactly as ``celery -A tasks worker`` loads it; defaults need no server."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.celery_fixtures import REPO
+from tests import support
 
 _DUMP = """
 import json, celeryconfig as c
@@ -51,12 +50,7 @@ print(json.dumps({
 
 
 def _env(tmp_path: Path, **variables: str) -> dict[str, str]:
-    """A clean environment: no LEASEHOLD_* leaks in from the caller's shell or CI."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LEASEHOLD_", "CELERY"))}
-    env["PYTHONPATH"] = str(REPO)
-    env["LEASEHOLD_VAR_DIR"] = str(tmp_path / "var")
-    env.update(variables)
-    return env
+    return support.environment(tmp_path, **variables)
 
 
 def _python(code: str, tmp_path: Path, **variables: str) -> subprocess.CompletedProcess[str]:

@@ -3,88 +3,22 @@ mysql engine against a real MariaDB/MySQL target database created and dropped fo
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
 
 from storage.errors import ConfigurationError, InvalidInput, LeaseLost
 from tasks.engines import (
-    Engine,
     EngineCancelled,
     EngineContext,
     EngineError,
-    TaskSpec,
     engine_class,
     make_engine,
 )
 from tasks.engines.mysql import MySQLEngine
 from tasks.engines.sleep import SleepEngine
 from tests.celery_fixtures import wait_until
-
-
-@dataclass
-class Recorder:
-    """An engine context's progress callback that records (percent, checkpoint)."""
-
-    calls: list[tuple[int, dict[str, Any] | None]] = field(default_factory=list)
-    raise_on_call: int | None = None  # raise LeaseLost on this call (0-based)
-
-    def __call__(self, percent: int, checkpoint: Mapping[str, Any] | None = None) -> None:
-        if self.raise_on_call is not None and len(self.calls) == self.raise_on_call:
-            self.calls.append((percent, None))
-            raise LeaseLost(1, 1, reason="test: rotated")
-        self.calls.append((percent, None if checkpoint is None else dict(checkpoint)))
-
-    @property
-    def percents(self) -> list[int]:
-        return [p for p, _ in self.calls]
-
-
-def spec(
-    ddl: str = "ALTER TABLE t ADD COLUMN c INT",
-    *,
-    options: Mapping[str, Any] | None = None,
-    checkpoint: Mapping[str, Any] | None = None,
-    database: str = "target",
-    table: str = "t",
-) -> TaskSpec:
-    return TaskSpec(
-        id=1,
-        position=0,
-        table_name=table,
-        ddl=ddl,
-        options=options or {},
-        database=database,
-        checkpoint=checkpoint,
-    )
-
-
-class Running:
-    """``engine.run`` in a thread, for cancelling it from the test."""
-
-    def __init__(self, engine: Engine, task: TaskSpec, ctx: EngineContext) -> None:
-        self.error: BaseException | None = None
-        self.ended_at: float | None = None
-        self._thread = threading.Thread(target=self._run, args=(engine, task, ctx), daemon=True)
-        self._thread.start()
-
-    def _run(self, engine: Engine, task: TaskSpec, ctx: EngineContext) -> None:
-        try:
-            engine.run(task, ctx)
-        except BaseException as exc:
-            self.error = exc
-        finally:
-            self.ended_at = time.monotonic()
-
-    def join(self, timeout: float) -> BaseException | None:
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), f"the engine did not stop within {timeout}s"
-        return self.error
-
+from tests.engine_doubles import Recorder, Running, spec
 
 # --- registry ----------------------------------------------------------------------------------
 
@@ -119,8 +53,9 @@ def test_sleep_resumes_from_its_checkpoint() -> None:
         spec(options={"seconds": 5.0}, checkpoint={"elapsed": 4.9}),
         EngineContext(progress=progress),
     )
-    assert time.monotonic() - started < 2.0  # 0.1 s left of 5, not 5
+    assert time.monotonic() - started < 4.0  # 0.1 s left of 5, not 5 (generous under load)
     assert progress.percents[0] >= 98
+    assert all(c is not None and c["elapsed"] >= 4.9 for _, c in progress.calls)
     assert progress.calls[-1] == (100, {"elapsed": 5.0})
 
 
@@ -133,15 +68,20 @@ def test_sleep_with_a_finished_checkpoint_does_no_more_work() -> None:
 
 
 def test_sleep_cancels_promptly() -> None:
+    """Promptly means at its next step, not after its work: once cancelled, the engine reports at
+    most the one step it was in and raises, long before the 60 s of work it was given (the bound
+    is generous on purpose; the count of steps is what is exact)."""
     progress = Recorder()
     ctx = EngineContext(progress=progress)
     running = Running(SleepEngine(), spec(options={"seconds": 60}), ctx)
     wait_until(lambda: len(progress.calls) >= 2, what="the engine's progress")
     cancelled_at = time.monotonic()
     ctx.cancelled.set()
-    assert isinstance(running.join(5), EngineCancelled)
+    reported_at_cancel = len(progress.calls)  # read after the set: at most one step is in flight
+    assert isinstance(running.join(30), EngineCancelled)
     assert running.ended_at is not None
-    assert running.ended_at - cancelled_at < 0.5
+    assert running.ended_at - cancelled_at < 30
+    assert len(progress.calls) - reported_at_cancel <= 1
     assert progress.percents[-1] < 100
 
 
@@ -170,10 +110,6 @@ def test_sleep_zero_seconds() -> None:
 def test_sleep_lets_a_lost_lease_from_progress_through() -> None:
     with pytest.raises(LeaseLost):
         SleepEngine().run(spec(options={"seconds": 30}), EngineContext(Recorder(raise_on_call=1)))
-
-
-def test_sleep_is_never_already_applied() -> None:
-    assert SleepEngine().already_applied(spec()) is False
 
 
 # --- mysql -------------------------------------------------------------------------------------

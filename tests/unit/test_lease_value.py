@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import pickle
-import traceback
 from dataclasses import FrozenInstanceError
 from typing import Any
 
@@ -134,10 +133,6 @@ def test_repr_and_str_show_epoch_and_at_most_a_short_prefix() -> None:
     assert 0 <= shown <= 8
     reclaimed = Reclaimed(42, 8, "running", lease)
     assert lease.token not in repr(reclaimed)
-
-
-def _lease_lost_texts(exc: LeaseLost) -> list[str]:
-    return [str(exc), repr(exc), *map(str, exc.args), "".join(traceback.format_exception(exc))]
 
 
 @pytest.mark.parametrize(

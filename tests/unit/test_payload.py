@@ -8,10 +8,8 @@ from typing import Any
 
 import pytest
 
-from storage.database import Database
 from storage.errors import InvalidInput
 from tasks.payload import parse_submission
-from tasks.settings import Settings
 from tests.payloads import REJECTED, TARGETS, with_task
 
 
@@ -28,10 +26,3 @@ def test_validation_does_not_change_the_payload() -> None:
     before = copy.deepcopy(payload)
     parse_submission(payload, targets={})
     assert payload == before
-
-
-# --- service.submit, on both backends -------------------------------------------------------------
-
-
-def _settings(db: Database) -> Settings:
-    return Settings(database_url=str(db.engine.url), targets=TARGETS)

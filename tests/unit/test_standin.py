@@ -26,6 +26,7 @@ from githubkit.exception import (
 from githubkit_schemas.latest.models import CheckRun, InstallationToken, IssueComment
 
 from tasks.testing.standin import GitHubStandIn
+from tests.celery_fixtures import wait_until
 
 OWNER, REPO, PR = "acme", "shop", 7
 SHA = "a" * 40
@@ -418,9 +419,11 @@ def test_latency_delays_the_answer(standin: GitHubStandIn, client: Client) -> No
     standin.add_latency(0.5, method="GET", count=1)
     with pytest.raises(RequestTimeout):
         impatient.rest.issues.list_comments(OWNER, REPO, PR)
-    started = time.monotonic()
-    gh.rest.issues.list_comments(OWNER, REPO, PR)  # the rule was used up
-    assert time.monotonic() - started < 0.4
+    # The delayed request is answered (to nobody) once its latency is served: the rule is used.
+    wait_until(lambda: standin.requests()[0].status is not None, what="the delayed answer")
+    assert standin.requests()[0].fault == "latency"
+    gh.rest.issues.list_comments(OWNER, REPO, PR)
+    assert [r.fault for r in standin.requests()] == ["latency", None]  # not delayed: used up
     standin.add_latency(0.2, path=COMMENTS_PATH)
     started = time.monotonic()
     gh.rest.issues.list_comments(OWNER, REPO, PR)
