@@ -97,6 +97,11 @@ leasehold_max_reclaims = int(_number("LEASEHOLD_MAX_RECLAIMS", 5, integer=True))
 leasehold_effect_timeout = _number("LEASEHOLD_EFFECT_TIMEOUT", min(10.0, leasehold_stale_after / 3))
 leasehold_effect_grace = _number("LEASEHOLD_EFFECT_GRACE", leasehold_effect_timeout + 2.0)
 leasehold_comment_interval = _number("LEASEHOLD_COMMENT_INTERVAL", 10.0)
+# How long a task keeps retrying a target it cannot reach (a failover, a restart) before the
+# apply fails; 0 fails at the first lost connection.
+leasehold_target_retry = _number("LEASEHOLD_TARGET_RETRY", 300.0)
+if leasehold_target_retry < 0:
+    raise LeaseholdConfigError("LEASEHOLD_TARGET_RETRY must not be negative")
 leasehold_github_api_url = _env.get("LEASEHOLD_GITHUB_API_URL") or "https://api.github.com"
 # Secrets: Celery censors settings named like *TOKEN*/*KEY* in `celery inspect conf`, and
 # leasehold never logs them.

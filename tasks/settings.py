@@ -20,6 +20,7 @@ class Settings:
     effect_timeout: float
     effect_grace: float
     comment_interval: float
+    target_retry: float
     apply_slots: int
     control_concurrency: int
     github_api_url: str
@@ -41,6 +42,7 @@ class Settings:
             effect_timeout=float(conf.leasehold_effect_timeout),
             effect_grace=float(conf.leasehold_effect_grace),
             comment_interval=float(conf.leasehold_comment_interval),
+            target_retry=float(conf.leasehold_target_retry),
             apply_slots=int(conf.leasehold_worker_concurrency),
             control_concurrency=int(conf.leasehold_control_concurrency),
             github_api_url=str(conf.leasehold_github_api_url),
