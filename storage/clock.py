@@ -1,8 +1,13 @@
-"""The database's clock, as SQL expressions.
+"""The database's clock, in UTC, as SQL expressions.
 
 Heartbeat ages and staleness are computed by the database (DESIGN invariant 6): no worker's clock
-is ever compared with another's. Both constructs render at microsecond resolution so that they
-compare correctly with the stored timestamps on each backend.
+is ever compared with another's. Every timestamp leasehold writes and every age it computes use
+the store's UTC clock: ``UTC_TIMESTAMP(6)`` on MySQL/MariaDB, never ``NOW()``, which follows the
+session's time zone (``SYSTEM`` on most servers) and so jumps an hour at a daylight-saving
+change: a fall-back would put live heartbeats in the future (dead workers never reclaimed), a
+spring-forward would age every heartbeat by an hour at once (mass false reclaims). SQLite's
+``'now'`` is UTC already. The constructs render at microsecond resolution so that they compare
+correctly with the stored timestamps on each backend.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ def _now_sqlite(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
 @compiles(db_now, "mysql")
 @compiles(db_now, "mariadb")
 def _now_mysql(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
-    return "NOW(6)"
+    return "UTC_TIMESTAMP(6)"
 
 
 @compiles(db_now_minus, "sqlite")
@@ -73,7 +78,8 @@ def _now_minus_sqlite(element: db_now_minus, compiler: SQLCompiler, **kw: Any) -
 @compiles(db_now_minus, "mariadb")
 def _now_minus_mysql(element: db_now_minus, compiler: SQLCompiler, **kw: Any) -> str:
     (seconds,) = element.clauses
-    return f"NOW(6) - INTERVAL ROUND(({compiler.process(seconds, **kw)}) * 1000000) MICROSECOND"
+    micros = f"ROUND(({compiler.process(seconds, **kw)}) * 1000000)"
+    return f"UTC_TIMESTAMP(6) - INTERVAL {micros} MICROSECOND"
 
 
 @compiles(seconds_since, "sqlite")
@@ -86,7 +92,8 @@ def _since_sqlite(element: seconds_since, compiler: SQLCompiler, **kw: Any) -> s
 @compiles(seconds_since, "mariadb")
 def _since_mysql(element: seconds_since, compiler: SQLCompiler, **kw: Any) -> str:
     (ts,) = element.clauses
-    return f"(TIMESTAMPDIFF(MICROSECOND, {compiler.process(ts, **kw)}, NOW(6)) / 1000000.0)"
+    since = compiler.process(ts, **kw)
+    return f"(TIMESTAMPDIFF(MICROSECOND, {since}, UTC_TIMESTAMP(6)) / 1000000.0)"
 
 
 def now() -> ColumnElement[Any]:

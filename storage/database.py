@@ -121,21 +121,28 @@ def open_database(
         )
     except (sa_exc.ArgumentError, ImportError) as exc:
         raise ConfigurationError(f"cannot use {redact(url)}: {exc}") from exc
-    if idle_transaction_timeout is not None:
-        _limit_idle_transactions(engine, max(1, math.ceil(idle_transaction_timeout)))
+    idle = None if idle_transaction_timeout is None else max(1, math.ceil(idle_transaction_timeout))
+    _configure_sessions(engine, idle_transaction_timeout=idle)
     return Database(engine)
 
 
-def _limit_idle_transactions(engine: Engine, seconds: int) -> None:
+def _configure_sessions(engine: Engine, *, idle_transaction_timeout: int | None) -> None:
+    """Every MySQL/MariaDB session runs in UTC (``time_zone = '+00:00'``): leasehold's statements
+    use ``UTC_TIMESTAMP(6)`` anyway (storage/clock.py), and pinning the session as well keeps
+    anything else evaluated there (``NOW()``, ``CURRENT_TIMESTAMP``) off the server's local time,
+    which jumps at daylight-saving changes."""
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: DBAPIConnection, record: ConnectionPoolEntry) -> None:
         cursor = dbapi_conn.cursor()
-        cursor.execute("SELECT VERSION()")
-        row = cursor.fetchone()
-        variable = "wait_timeout"
-        if row is not None and "mariadb" in str(row[0]).lower():
-            variable = "idle_transaction_timeout"
-        cursor.execute(f"SET SESSION {variable} = {seconds:d}")
+        cursor.execute("SET SESSION time_zone = '+00:00'")
+        if idle_transaction_timeout is not None:
+            cursor.execute("SELECT VERSION()")
+            row = cursor.fetchone()
+            variable = "wait_timeout"
+            if row is not None and "mariadb" in str(row[0]).lower():
+                variable = "idle_transaction_timeout"
+            cursor.execute(f"SET SESSION {variable} = {idle_transaction_timeout:d}")
         cursor.close()
 
 

@@ -157,7 +157,7 @@ def age_heartbeat(db: Database, apply_id: int, seconds: float) -> None:
     if db.is_sqlite:
         value: Any = text(f"strftime('%Y-%m-%d %H:%M:%f000', 'now', '-{float(seconds)} seconds')")
     else:
-        value = text(f"NOW(6) - INTERVAL {int(seconds * 1_000_000)} MICROSECOND")
+        value = text(f"UTC_TIMESTAMP(6) - INTERVAL {int(seconds * 1_000_000)} MICROSECOND")
     with db.transaction() as conn:
         conn.execute(update(applies).where(applies.c.id == apply_id).values(heartbeat_at=value))
 
@@ -169,7 +169,7 @@ def age_mark(db: Database, name: str, seconds: float | None) -> None:
     if seconds is not None and db.is_sqlite:
         value = text(f"strftime('%Y-%m-%d %H:%M:%f000', 'now', '-{float(seconds)} seconds')")
     elif seconds is not None:
-        value = text(f"NOW(6) - INTERVAL {int(seconds * 1_000_000)} MICROSECOND")
+        value = text(f"UTC_TIMESTAMP(6) - INTERVAL {int(seconds * 1_000_000)} MICROSECOND")
     with db.transaction() as conn:
         conn.execute(update(marks).where(marks.c.name == name).values(at=value))
 

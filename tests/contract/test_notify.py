@@ -86,7 +86,7 @@ def age_claim(db: Database, apply_id: int, seconds: float) -> None:
     if db.is_sqlite:
         value = text(f"strftime('%Y-%m-%d %H:%M:%f000', 'now', '-{float(seconds)} seconds')")
     else:
-        value = text(f"NOW(6) - INTERVAL {int(seconds * 1_000_000)} MICROSECOND")
+        value = text(f"UTC_TIMESTAMP(6) - INTERVAL {int(seconds * 1_000_000)} MICROSECOND")
     with db.transaction() as conn:
         conn.execute(update(table).where(table.c.apply_id == apply_id).values(claimed_at=value))
 

@@ -657,7 +657,7 @@ def stale_behind_a_table_lock(stack: Stack, apply_ids: Iterable[int], age: float
         try:
             cursor.execute(
                 "UPDATE applies SET heartbeat_at = "
-                f"NOW(6) - INTERVAL {int(age * 1_000_000)} MICROSECOND WHERE id IN ({ids})"
+                f"UTC_TIMESTAMP(6) - INTERVAL {int(age * 1_000_000)} MICROSECOND WHERE id IN ({ids})"
             )
             raw.commit()
             yield
