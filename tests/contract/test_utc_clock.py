@@ -96,7 +96,8 @@ def test_fall_back_still_reclaims_a_dead_holder_in_time(
     # The holder died right after that heartbeat; stale_after later (written, not slept):
     support.age_heartbeat(store, lease.apply_id, STALE_AFTER + 1)
     (done,) = reclaim(store, POLICY)
-    assert done.apply_id == lease.apply_id and done.from_state == "running"
+    assert done.apply_id == lease.apply_id
+    assert done.from_state == "running"
 
 
 def test_upgrade_moves_local_timestamps_to_utc(server: PrivateMariaDB) -> None:

@@ -656,8 +656,8 @@ def stale_behind_a_table_lock(stack: Stack, apply_ids: Iterable[int], age: float
         cursor.execute("LOCK TABLES applies WRITE")
         try:
             cursor.execute(
-                "UPDATE applies SET heartbeat_at = "
-                f"UTC_TIMESTAMP(6) - INTERVAL {int(age * 1_000_000)} MICROSECOND WHERE id IN ({ids})"
+                "UPDATE applies SET heartbeat_at = UTC_TIMESTAMP(6) - "
+                f"INTERVAL {int(age * 1_000_000)} MICROSECOND WHERE id IN ({ids})"
             )
             raw.commit()
             yield

@@ -51,14 +51,12 @@ def _server_offset_seconds(conn: sa.Connection) -> int:
         conn.exec_driver_sql("SET SESSION time_zone = %s", (session_zone,))
     # NOW() and UTC_TIMESTAMP() are read in the same statement, so the difference is exact, but
     # round to the minute anyway: every real offset is a whole number of minutes.
-    return int(round(int(offset) / 60.0)) * 60
+    return round(int(offset) / 60.0) * 60
 
 
 def _shift(seconds: int) -> None:
     for table, columns in COLUMNS.items():
-        assignments = ", ".join(
-            f"{c} = {c} + INTERVAL {seconds:d} SECOND" for c in columns
-        )
+        assignments = ", ".join(f"{c} = {c} + INTERVAL {seconds:d} SECOND" for c in columns)
         op.execute(f"UPDATE {table} SET {assignments}")
 
 
