@@ -6,7 +6,15 @@ Knows nothing of Celery; imports only ``storage``. Its errors (``LeaseLost``, ..
 
 from leases.fence import fence
 from leases.lease import Lease, mint_token
-from leases.lifecycle import check, dispatch, heartbeat, redeem
+from leases.lifecycle import (
+    check,
+    dispatch,
+    dispatch_sent,
+    heartbeat,
+    owe_dispatch,
+    owed_dispatches,
+    redeem,
+)
 from leases.lines import Submitted, dispatch_waiting, submit
 from leases.reclaim import Reclaimed, ReclaimPolicy, reclaim
 
@@ -17,10 +25,13 @@ __all__ = [
     "Submitted",
     "check",
     "dispatch",
+    "dispatch_sent",
     "dispatch_waiting",
     "fence",
     "heartbeat",
     "mint_token",
+    "owe_dispatch",
+    "owed_dispatches",
     "reclaim",
     "redeem",
     "submit",

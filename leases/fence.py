@@ -15,9 +15,9 @@ def fence(db: Database, lease: Lease, *, finishing: bool = False) -> Iterator[Fe
     """A transaction that holds ``lease``'s apply row locked from its first statement to commit.
 
     Raises ``LeaseLost`` (nothing written) if the lease is not current, ``ApplyNotFound`` if the
-    apply does not exist. Pass the handle to the owned writes in ``storage.fenced``; make external
-    calls inside the block (with a timeout well below ``stale_after``) and record their results
-    there, so that no rotation can commit while the call is in flight.
+    apply does not exist. Pass the handle to the owned writes in ``storage.fenced``. External
+    calls are never made inside it (a rotation would wait for them): they have a fence of their
+    own, ``leases.effects``.
 
     ``finishing``: the block may end the apply (``storage.fenced.finish``), passing its line's
     turn to the next apply, so the line is locked before the fence.

@@ -78,6 +78,26 @@ def redeem(db: Database, lease: Lease, owner: str) -> str:
     return origin
 
 
+def owe_dispatch(db: Database, lease: Lease) -> bool:
+    """``run_apply`` for ``lease`` could not be sent (the broker was down): record it as owed,
+    so that the next reclaim pass sends it again instead of leaving the apply until the dispatch
+    timeout. False if the lease is no longer current and unredeemed (nothing is owed then)."""
+    with db.transaction() as conn:
+        return leasing.owe_dispatch(conn, lease.apply_id, epoch=lease.epoch)
+
+
+def owed_dispatches(db: Database, *, limit: int = 100) -> list[Lease]:
+    """The leases whose ``run_apply`` is still owed, to be sent again."""
+    with db.transaction() as conn:
+        rows = leasing.owed_dispatches(conn, limit=limit)
+    return [Lease(r.apply_id, r.epoch, str(r.token)) for r in rows]
+
+
+def dispatch_sent(db: Database, lease: Lease) -> None:
+    with db.transaction() as conn:
+        leasing.dispatch_sent(conn, lease.apply_id, epoch=lease.epoch)
+
+
 def heartbeat(db: Database, lease: Lease) -> None:
     """Renew liveness from the database clock; ``LeaseLost`` if the lease is no longer current."""
     with db.transaction() as conn:

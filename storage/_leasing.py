@@ -86,7 +86,9 @@ def rotate(
     ``from_states`` defaults to ``row.state``: the apply must still be in the state the caller saw.
     A rotation to a terminal state also fails the apply's control requests still pending (every
     request ends: complete the one being acted on before calling this) and makes its completion
-    notification due (``storage.notifications``), in the same transaction.
+    notification due (``storage.notifications``); a rotation to a terminal state or to stopped
+    makes the publication of that state on its pull request due (``storage.publications``); all
+    in the same transaction.
     """
     allowed = [row.state] if from_states is None else list(from_states)
     result = conn.execute(
@@ -110,6 +112,10 @@ def rotate(
     if ApplyState(to_state).terminal:
         conn.execute(statements.fail_pending_control_requests(row.apply_id, apply_state=to_state))
         conn.execute(statements.notification_due(row.apply_id))
+    if ApplyState(to_state).terminal or to_state == ApplyState.STOPPED:
+        owed = statements.publication_due(row.apply_id)
+        if conn.execute(owed.update).rowcount == 0:
+            conn.execute(owed.insert)  # race-free: the rotation holds the apply row
     level = "error" if to_state == "failed" else "info"
     append_log(
         conn,
@@ -161,6 +167,21 @@ def stale(conn: Connection, state: str, *, older_than: float, limit: int) -> lis
         LeaseRow(r.id, r.state, r.lease_epoch, r.lease_token, reclaim_count=r.reclaim_count)
         for r in rows
     ]
+
+
+def owe_dispatch(conn: Connection, apply_id: int, *, epoch: int) -> bool:
+    """Record that ``run_apply`` for ``epoch`` is still owed; False if that lease is no longer
+    the apply's current, unredeemed one (nothing is owed then)."""
+    return bool(conn.execute(statements.owe_dispatch(apply_id, epoch=epoch)).rowcount == 1)
+
+
+def owed_dispatches(conn: Connection, *, limit: int) -> list[LeaseRow]:
+    rows = conn.execute(statements.owed_dispatches(limit))
+    return [LeaseRow(r.id, ApplyState.DISPATCHED, r.lease_epoch, r.lease_token) for r in rows]
+
+
+def dispatch_sent(conn: Connection, apply_id: int, *, epoch: int) -> None:
+    conn.execute(statements.dispatch_sent(apply_id, epoch=epoch))
 
 
 def rotation_event(conn: Connection, apply_id: int, epoch: int) -> str:

@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import aliased
 
 from storage import clock
-from storage.states import IN_LINE_STATES, WAITING_STATES, ApplyState
+from storage.states import IN_LINE_STATES, TERMINAL_APPLY_STATES, WAITING_STATES, ApplyState
 from storage.tables import (
     applies,
     apply_comments,
@@ -41,6 +41,7 @@ from storage.tables import (
     control_requests,
     marks,
     notifications,
+    publications,
 )
 
 _IN_LINE = sorted(IN_LINE_STATES)
@@ -205,6 +206,101 @@ def stale_candidates(state: str, *, older_than: float, limit: int) -> Select[Any
 
 def current_epoch(apply_id: int) -> Select[Any]:
     return select(applies.c.lease_epoch).where(applies.c.id == apply_id)
+
+
+# --- dispatches owed (the broker was down) --------------------------------------------------------
+
+
+def owe_dispatch(apply_id: int, *, epoch: int) -> Update:
+    """``run_apply`` for ``epoch`` could not be sent. Only while that lease is still the current,
+    unredeemed one: a later rotation dispatches on its own."""
+    return _by_primary_key(
+        applies.update()
+        .where(
+            applies.c.id == apply_id,
+            applies.c.lease_epoch == epoch,
+            applies.c.state == ApplyState.DISPATCHED,
+            applies.c.lease_owner.is_(None),
+        )
+        .values(dispatch_owed_epoch=epoch)
+    )
+
+
+def owed_dispatches(limit: int) -> Select[Any]:
+    """Dispatched, unredeemed leases whose ``run_apply`` is still owed."""
+    return (
+        select(applies.c.id, applies.c.lease_epoch, applies.c.lease_token)
+        .where(
+            applies.c.state == ApplyState.DISPATCHED,
+            applies.c.lease_owner.is_(None),
+            applies.c.dispatch_owed_epoch == applies.c.lease_epoch,
+        )
+        .order_by(applies.c.id)
+        .limit(limit)
+    )
+
+
+def dispatch_sent(apply_id: int, *, epoch: int) -> Update:
+    return _by_primary_key(
+        applies.update()
+        .where(applies.c.id == apply_id, applies.c.dispatch_owed_epoch == epoch)
+        .values(dispatch_owed_epoch=None)
+    )
+
+
+# --- the effect window (external calls) ---------------------------------------------------------
+
+
+def open_effect_window(apply_id: int, *, epoch: int, token: str, seconds: float) -> Update:
+    """Open (or extend) the lease's effect window: ``seconds`` from now by the store's clock.
+
+    Only the current lease may, in any state (a stopped or ended apply is still published), and
+    only once no window of another epoch is open: an earlier epoch's call may still be in flight
+    until its window ends, and ours must not overlap it.
+    """
+    return _by_primary_key(
+        applies.update()
+        .where(
+            applies.c.id == apply_id,
+            applies.c.lease_epoch == epoch,
+            applies.c.lease_token == token,
+            applies.c.effect_until.is_(None)
+            | (applies.c.effect_epoch == epoch)
+            | (applies.c.effect_until <= clock.now()),
+        )
+        .values(effect_epoch=epoch, effect_until=clock.now_plus(bindparam("seconds", seconds)))
+    )
+
+
+def effect_window_row(apply_id: int) -> Select[Any]:
+    """Why a window did not open: the lease as it is, and the seconds the open one has left."""
+    return select(
+        applies.c.lease_epoch,
+        applies.c.lease_token,
+        applies.c.effect_epoch,
+        (-clock.age_of(applies.c.effect_until)).label("remaining"),
+    ).where(applies.c.id == apply_id)
+
+
+def close_effect_window(apply_id: int, *, epoch: int) -> Update:
+    """The epoch's calls are over (answered): later epochs need not wait for its window to run
+    out. The one write a holder may still make once its lease moved on, since it only says that
+    its own call is over; it never touches a later epoch's window."""
+    return _by_primary_key(
+        applies.update()
+        .where(applies.c.id == apply_id, applies.c.effect_epoch == epoch)
+        .values(effect_until=None)
+    )
+
+
+def effect_fence(apply_id: int, token: str) -> Select[Any]:
+    """The fence of an effect's record: the lease is current, in whatever state the apply is
+    (its stopped or final state is published after the rotation that made it so)."""
+    return (
+        select(applies.c.lease_epoch)
+        .where(applies.c.id == apply_id, applies.c.lease_token == token)
+        .with_for_update()
+    )
 
 
 # --- owned writes (run inside a fence) -----------------------------------------------------------
@@ -508,6 +604,40 @@ def rotation_event(apply_id: int, epoch: int) -> Select[Any]:
     )
 
 
+# --- retry: a failed apply back into its line (no lease: the apply row is locked) -----------------
+
+
+def apply_failure(apply_id: int) -> Select[Any]:
+    """The error a failed apply ended with (kept in its log when a retry clears it)."""
+    return select(applies.c.error).where(applies.c.id == apply_id)
+
+
+def reopen_apply(apply_id: int, *, epoch: int) -> Update:
+    """A retried apply, just rotated out of ``failed`` to ``epoch``, is unfinished again: its error
+    and end time are cleared. Zero rows: it is not the waiting apply of that epoch."""
+    return _by_primary_key(
+        applies.update()
+        .where(
+            applies.c.id == apply_id,
+            applies.c.lease_epoch == epoch,
+            applies.c.state.in_(_WAITING),
+        )
+        .values(error=None, finished_at=None, updated_at=clock.now())
+    )
+
+
+def reopen_tasks(apply_id: int, *, epoch: int) -> Update:
+    """A retried apply's unfinished apply tasks (the failed one, those cancelled because it
+    failed, any left running or pending by an abandoned holder) go back to pending, stamped with
+    the retry's epoch. Completed ones are not touched; checkpoints and progress are kept, so that
+    an engine may continue from them."""
+    return (
+        apply_tasks.update()
+        .where(apply_tasks.c.apply_id == apply_id, apply_tasks.c.state != "completed")
+        .values(state="pending", error=None, finished_at=None, lease_epoch=epoch)
+    )
+
+
 # --- lines: one apply per (database, environment) at a time ---------------------------------------
 
 
@@ -543,8 +673,21 @@ def line_of(apply_id: int) -> Select[Any]:
     return select(applies.c.database_name, applies.c.environment).where(applies.c.id == apply_id)
 
 
+_ACTIVE = sorted({ApplyState.DISPATCHED, ApplyState.RUNNING})
+
+
+def _line_rank(table: Any) -> ColumnElement[Any]:
+    """A line's order is (this, id): 0 for the apply that is dispatched or running, 1 for the
+    rest. Without a retry only the oldest apply of a line can be dispatched or running, so this is
+    plain id (submission) order. A retried apply re-enters its line with its old id: it must wait
+    behind the apply at work on its database, not head the line (and be dispatched beside it).
+    Stopped applies rank as the rest, so a stopped one keeps its submission place."""
+    return case((table.c.state.in_(_ACTIVE), 0), else_=1)
+
+
 def line_head(database_name: str, environment: str) -> Select[Any]:
-    """The first unfinished apply of a line in id (submission) order."""
+    """The first unfinished apply of a line: the one at work (dispatched or running), else the
+    oldest."""
     return (
         select(
             applies.c.id,
@@ -558,18 +701,21 @@ def line_head(database_name: str, environment: str) -> Select[Any]:
             applies.c.environment == environment,
             applies.c.state.in_(_IN_LINE),
         )
-        .order_by(applies.c.id)
+        .order_by(_line_rank(applies), applies.c.id)
         .limit(1)
     )
 
 
 def count_ahead(database_name: str, environment: str, apply_id: int) -> Select[Any]:
-    """How many unfinished applies of the line come before ``apply_id``."""
+    """How many unfinished applies of the line come before ``apply_id`` (in the line's order)."""
+    me = aliased(applies)
+    mine = select(_line_rank(me)).where(me.c.id == apply_id).scalar_subquery()
+    theirs = _line_rank(applies)
     return select(func.count()).where(
         applies.c.database_name == database_name,
         applies.c.environment == environment,
         applies.c.state.in_(_IN_LINE),
-        applies.c.id < apply_id,
+        (theirs < mine) | ((theirs == mine) & (applies.c.id < apply_id)),
     )
 
 
@@ -591,7 +737,8 @@ def _ahead_in_line(row: Any) -> ColumnElement[Any]:
             other.c.database_name == row.c.database_name,
             other.c.environment == row.c.environment,
             other.c.state.in_(_IN_LINE),
-            other.c.id < row.c.id,
+            (_line_rank(other) < _line_rank(row))
+            | ((_line_rank(other) == _line_rank(row)) & (other.c.id < row.c.id)),
         )
         .scalar_subquery()
     )
@@ -605,12 +752,24 @@ def insert_notification(apply_id: int, *, task: str, queue: str) -> Insert:
 
 
 def notification_due(apply_id: int) -> Update:
-    """The apply ended: its notification is owed. Run by every rotation to a terminal state."""
+    """The apply ended: its notification is owed. Run by every rotation to a terminal state.
+
+    The first end finds claimed_at and sent_at NULL. An end after a retry (which withdrew the
+    notification: ``withdraw_notification``) owes a new one: a send of the earlier end that was
+    still in flight at the retry may have recorded itself sent since, so both are cleared here."""
     return (
         notifications.update()
         .where(notifications.c.apply_id == apply_id, notifications.c.due_at.is_(None))
-        .values(due_at=clock.now())
+        .values(due_at=clock.now(), claimed_at=None, sent_at=None)
     )
+
+
+def withdraw_notification(apply_id: int) -> Update:
+    """A failed apply is retried: the notification of its failure is no longer owed (one not yet
+    sent never is: the caller hears the retried apply's end instead), and the next rotation to a
+    terminal state makes a new one due (``notification_due`` matches only while due_at is NULL).
+    Zero rows: the submit asked for no notification."""
+    return notifications.update().where(notifications.c.apply_id == apply_id).values(due_at=None)
 
 
 def _claimable(expiry: float) -> ColumnElement[bool]:
@@ -673,6 +832,121 @@ def notification_message(apply_id: int) -> Select[Any]:
         .join(applies, applies.c.id == notifications.c.apply_id)
         .where(notifications.c.apply_id == apply_id)
     )
+
+
+# --- publications: what a pull request is still owed ----------------------------------------------
+
+_PUBLISHED_STATES = [ApplyState.STOPPED, *sorted(TERMINAL_APPLY_STATES)]
+
+
+def publication_due(apply_id: int) -> Upsert:
+    """The apply stopped or ended: its pull request is owed that state. Run by those rotations,
+    in their transaction; an apply without a pull request owes nothing (the insert selects no
+    row)."""
+    owed = {"due_at": clock.now(), "claimed_at": None, "attempts": 0, "last_error": None}
+    has_pull_request = (
+        applies.c.repository.is_not(None)
+        & applies.c.pull_request.is_not(None)
+        & applies.c.head_sha.is_not(None)
+    )
+    source = select(
+        applies.c.id, clock.now(), literal(None), literal(0), literal(None)
+    ).where(applies.c.id == apply_id, has_pull_request)
+    return Upsert(
+        update=publications.update()
+        .where(publications.c.apply_id == apply_id)
+        .values(**owed),
+        insert=insert(publications).from_select(
+            ["apply_id", "due_at", "claimed_at", "attempts", "last_error"], source
+        ),
+    )
+
+
+def _publication_free(expiry: float) -> ColumnElement[bool]:
+    """Due now, and nobody at work on it (never claimed, or the claim is ``expiry`` old)."""
+    return (publications.c.due_at <= clock.now()) & (
+        publications.c.claimed_at.is_(None)
+        | (publications.c.claimed_at < clock.now_minus(bindparam("expiry", expiry)))
+    )
+
+
+def owed_publications(*, expiry: float, limit: int) -> Select[Any]:
+    """Publications due now and free to claim, of applies still stopped or ended, oldest first.
+    (One owed by an apply that was resumed since is left alone: its holder publishes.)"""
+    return (
+        select(publications.c.apply_id)
+        .join(applies, applies.c.id == publications.c.apply_id)
+        .where(_publication_free(expiry), applies.c.state.in_(_PUBLISHED_STATES))
+        .order_by(publications.c.due_at)
+        .limit(limit)
+    )
+
+
+def claim_publication(apply_id: int, *, expiry: float) -> Update:
+    """Take an owed publication; zero rows: settled, not due yet, another publisher's, or its
+    apply is running again."""
+    still_published = (
+        select(applies.c.id)
+        .where(applies.c.id == apply_id, applies.c.state.in_(_PUBLISHED_STATES))
+        .exists()
+    )
+    return (
+        publications.update()
+        .where(publications.c.apply_id == apply_id, _publication_free(expiry), still_published)
+        .values(claimed_at=clock.now(), attempts=publications.c.attempts + 1)
+    )
+
+
+def publication_lease(apply_id: int) -> Select[Any]:
+    """The lease a claimed publication is made under: the apply's current one."""
+    return select(
+        applies.c.lease_epoch, applies.c.lease_token, applies.c.state, publications.c.attempts
+    ).join(publications, publications.c.apply_id == applies.c.id).where(applies.c.id == apply_id)
+
+
+def release_publication(apply_id: int, *, delay: float, error: str | None) -> Update:
+    """An attempt failed: free the claim, and let the next one start ``delay`` seconds on."""
+    return (
+        publications.update()
+        .where(publications.c.apply_id == apply_id, publications.c.due_at.is_not(None))
+        .values(
+            claimed_at=None,
+            due_at=clock.now_plus(bindparam("delay", delay)),
+            last_error=error,
+        )
+    )
+
+
+def publication_settled(apply_id: int) -> Update:
+    """Published (in the effect fence that recorded it): nothing more is owed."""
+    return (
+        publications.update()
+        .where(publications.c.apply_id == apply_id)
+        .values(due_at=None, claimed_at=None, last_error=None, published_at=clock.now())
+    )
+
+
+def abandon_publication(apply_id: int, *, error: str) -> Update:
+    """GitHub refused it for good (a 4xx): owed no more, the reason kept."""
+    return (
+        publications.update()
+        .where(publications.c.apply_id == apply_id)
+        .values(due_at=None, claimed_at=None, last_error=error)
+    )
+
+
+def publication_row(apply_id: int) -> Select[Any]:
+    return select(
+        publications, clock.age_of(publications.c.due_at).label("overdue")
+    ).where(publications.c.apply_id == apply_id)
+
+
+def owed_publication_count() -> Select[Any]:
+    return select(func.count()).where(publications.c.due_at.is_not(None))
+
+
+def oldest_owed_publication() -> Select[Any]:
+    return select(func.min(publications.c.due_at)).where(publications.c.due_at.is_not(None))
 
 
 # --- marks: when each background duty last ran ----------------------------------------------------

@@ -36,6 +36,14 @@ class db_now_minus(FunctionElement[Any]):
     name = "db_now_minus"
 
 
+class db_now_plus(FunctionElement[Any]):
+    """The database's current time plus a number of seconds (a bound parameter)."""
+
+    type = DateTime()
+    inherit_cache = True
+    name = "db_now_plus"
+
+
 class seconds_since(FunctionElement[Any]):
     """Seconds elapsed, by the database's clock, since a timestamp expression."""
 
@@ -82,6 +90,23 @@ def _now_minus_mysql(element: db_now_minus, compiler: SQLCompiler, **kw: Any) ->
     return f"UTC_TIMESTAMP(6) - INTERVAL {micros} MICROSECOND"
 
 
+@compiles(db_now_plus, "sqlite")
+def _now_plus_sqlite(element: db_now_plus, compiler: SQLCompiler, **kw: Any) -> str:
+    (seconds,) = element.clauses
+    return (
+        "strftime('%Y-%m-%d %H:%M:%f000', 'now', "
+        f"'+' || ({compiler.process(seconds, **kw)}) || ' seconds')"
+    )
+
+
+@compiles(db_now_plus, "mysql")
+@compiles(db_now_plus, "mariadb")
+def _now_plus_mysql(element: db_now_plus, compiler: SQLCompiler, **kw: Any) -> str:
+    (seconds,) = element.clauses
+    micros = f"ROUND(({compiler.process(seconds, **kw)}) * 1000000)"
+    return f"UTC_TIMESTAMP(6) + INTERVAL {micros} MICROSECOND"
+
+
 @compiles(seconds_since, "sqlite")
 def _since_sqlite(element: seconds_since, compiler: SQLCompiler, **kw: Any) -> str:
     (ts,) = element.clauses
@@ -102,6 +127,10 @@ def now() -> ColumnElement[Any]:
 
 def now_minus(seconds: ColumnElement[Any] | float) -> ColumnElement[Any]:
     return db_now_minus(seconds)
+
+
+def now_plus(seconds: ColumnElement[Any] | float) -> ColumnElement[Any]:
+    return db_now_plus(seconds)
 
 
 def age_of(ts: ColumnElement[Any]) -> ColumnElement[Any]:

@@ -100,6 +100,22 @@ class InvalidTransition(LeaseholdError):
         return (type(self), (self.apply_id, self.state, self.wanted), self.__dict__)
 
 
+class EffectWindowBusy(LeaseError):
+    """An earlier epoch's external call may still be in flight: its effect window is open for
+    ``remaining`` more seconds (by the store's clock). Wait, then try again."""
+
+    def __init__(self, apply_id: int, epoch: int, remaining: float) -> None:
+        super().__init__(
+            f"apply {apply_id}: an effect of epoch {epoch} may be in flight for {remaining:.2f}s"
+        )
+        self.apply_id = apply_id
+        self.epoch = epoch
+        self.remaining = remaining
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.apply_id, self.epoch, self.remaining), self.__dict__)
+
+
 class RowNotFound(LeaseholdError, LookupError):
     """A row an owned write targets (an apply task, a control request) does not exist."""
 

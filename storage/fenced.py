@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final, final
 
-from sqlalchemy import Connection, RowMapping
+from sqlalchemy import Connection
 
 from storage import _leasing as leasing
 from storage import _lines as lines
@@ -154,44 +154,6 @@ def append_log(fx: Fenced, event: str, message: str, *, level: str = "info") -> 
     )
 
 
-def record_comment(fx: Fenced, *, kind: str, github_comment_id: int, body_sha256: str) -> None:
-    """Record a comment creation or edit (GitHub's answer, in the call's fence)."""
-    _record(
-        fx,
-        statements.record_comment(
-            fx.apply_id,
-            kind=kind,
-            epoch=fx.epoch,
-            github_comment_id=github_comment_id,
-            body_sha256=body_sha256,
-        ),
-    )
-
-
-def record_check(
-    fx: Fenced, *, check_run_id: int, status: str, conclusion: str | None = None
-) -> None:
-    """Record a check run's creation or update (GitHub's answer, in the call's fence)."""
-    _record(
-        fx,
-        statements.record_check(
-            fx.apply_id,
-            epoch=fx.epoch,
-            check_run_id=check_run_id,
-            status=status,
-            conclusion=conclusion,
-        ),
-    )
-
-
-def _record(fx: Fenced, upsert: statements.Upsert) -> None:
-    # Update-then-insert is race-free here: the fence's row lock serializes every writer of
-    # this apply, so nobody inserts the row between the two.
-    conn = fx._connection()
-    if conn.execute(upsert.update).rowcount == 0:
-        conn.execute(upsert.insert)
-
-
 def finish_control_request(
     fx: Fenced, request_id: int, *, state: ControlState, error: str | None = None
 ) -> None:
@@ -276,22 +238,3 @@ def _rotate_away(
     # after the rotation's log line (invariant 5). It raises FenceClosed, rolling the block back.
     fx._close()
     return epoch
-
-
-def read_state(fx: Fenced) -> tuple[RowMapping, list[RowMapping]]:
-    """The apply and its tasks as this transaction sees them (the apply row is locked), for
-    rendering an external effect consistently with what is committed alongside it."""
-    conn = fx._connection()
-    apply = conn.execute(statements.apply_row(fx.apply_id)).mappings().one()
-    tasks = list(conn.execute(statements.apply_task_rows(fx.apply_id)).mappings())
-    return apply, tasks
-
-
-def comment_record(fx: Fenced, kind: str) -> RowMapping | None:
-    return (
-        fx._connection().execute(statements.comment_row(fx.apply_id, kind)).mappings().one_or_none()
-    )
-
-
-def check_record(fx: Fenced) -> RowMapping | None:
-    return fx._connection().execute(statements.check_row(fx.apply_id)).mappings().one_or_none()

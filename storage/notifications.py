@@ -77,3 +77,10 @@ def get(db: Database, apply_id: int) -> RowMapping | None:
     """The apply's notification (task, queue, sent_at, state, error), or None if none was asked."""
     with db.transaction() as conn:
         return conn.execute(statements.notification_message(apply_id)).mappings().one_or_none()
+
+
+def _withdraw(conn: Connection, apply_id: int) -> None:
+    """A failed apply is retried, in the caller's transaction: the notification of its failure is
+    no longer owed (if still unsent, it never will be) and the retried apply's end makes a new one
+    due (``_statements.notification_due``), so the caller hears how the retry ended."""
+    conn.execute(statements.withdraw_notification(apply_id))

@@ -39,6 +39,7 @@ class ControlAction(StrEnum):
     STOP = "stop"
     RESUME = "resume"
     CANCEL = "cancel"
+    RETRY = "retry"  # a failed apply, from its failed task (``leases.control``)
 
 
 class ControlState(StrEnum):

@@ -59,6 +59,15 @@ applies = Table(
     Column("created_at", Timestamp, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
     Column("finished_at", Timestamp, nullable=True),
+    # The effect window: the epoch whose external call (GitHub) may be in flight, and until when
+    # by the store's clock. An effect of a later epoch starts only once it has closed
+    # (storage/published.py), so a rotation never waits for GitHub and two epochs' calls never
+    # overlap.
+    Column("effect_epoch", Integer, nullable=True),
+    Column("effect_until", Timestamp, nullable=True),
+    # The epoch whose run_apply could not be sent (the broker was down): re-sent by every
+    # reclaim pass until one gets through, instead of waiting out the dispatch timeout.
+    Column("dispatch_owed_epoch", Integer, nullable=True),
     # The reclaim scan reads (state, heartbeat_at) ranges only: finished applies are never touched.
     Index("ix_applies_state_heartbeat_at", "state", "heartbeat_at"),
     # A line's unfinished applies, in id order (InnoDB appends the primary key to the index).
@@ -168,6 +177,23 @@ notifications = Table(
     Column("attempts", Integer, nullable=False, server_default="0"),
     # Owed ones are read as a range: sent_at IS NULL, due_at set.
     Index("ix_notifications_sent_at_due_at", "sent_at", "due_at"),
+)
+
+# What a pull request still has to be shown: the stopped or final state of an apply, made due in
+# the transaction that stops or ends it (storage._leasing.rotate), published after that commit by
+# the holder's publisher, or by a later reclaim pass if the holder could not (GitHub down, worker
+# dead). ``due_at``: when the next attempt may start (NULL: nothing owed); ``claimed_at``: a
+# publisher at work (expires); ``published_at``: the last time it was settled.
+publications = Table(
+    "publications",
+    metadata,
+    Column("apply_id", Id, ForeignKey("applies.id"), primary_key=True),
+    Column("due_at", Timestamp, nullable=True),
+    Column("claimed_at", Timestamp, nullable=True),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("last_error", Text, nullable=True),
+    Column("published_at", Timestamp, nullable=True),
+    Index("ix_publications_due_at", "due_at"),
 )
 
 # When each background duty last ran, by the database clock (``leasehold doctor`` reads them).
