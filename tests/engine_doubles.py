@@ -1,6 +1,7 @@
 """Test doubles for the DDL engines' tests (``tests/unit/test_engines.py``, the sleep engine;
-``tests/contract/test_mysql_engine.py``, the mysql engine on a real target): a progress recorder,
-a task spec, and an engine run on a thread of its own."""
+``tests/contract/test_mysql_engine.py`` and ``test_target_outage.py``, the mysql engine on real
+targets): a progress recorder, a log recorder, a task spec, and an engine run on a thread of its
+own."""
 
 from __future__ import annotations
 
@@ -32,6 +33,21 @@ class Recorder:
         return [p for p, _ in self.calls]
 
 
+@dataclass
+class LogLines:
+    """An engine context's ``log``: records (level, event, message), as the runner would write
+    them to the apply's log."""
+
+    lines: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def __call__(self, level: str, event: str, message: str) -> None:
+        self.lines.append((level, event, message))
+
+    @property
+    def events(self) -> list[str]:
+        return [event for _, event, _ in self.lines]
+
+
 def spec(
     ddl: str = "ALTER TABLE t ADD COLUMN c INT",
     *,
@@ -39,9 +55,10 @@ def spec(
     checkpoint: Mapping[str, Any] | None = None,
     database: str = "target",
     table: str = "t",
+    task_id: int = 1,
 ) -> TaskSpec:
     return TaskSpec(
-        id=1,
+        id=task_id,
         position=0,
         table_name=table,
         ddl=ddl,

@@ -5,7 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from storage.errors import InvalidInput
-from tasks.engines.base import Engine, EngineCancelled, EngineContext, EngineError, TaskSpec
+from tasks.engines.base import (
+    Engine,
+    EngineCancelled,
+    EngineContext,
+    EngineError,
+    TargetStatement,
+    TargetUnavailable,
+    TaskSpec,
+)
 from tasks.engines.mysql import MySQLEngine
 from tasks.engines.sleep import SleepEngine
 
@@ -33,6 +41,8 @@ __all__ = [
     "EngineCancelled",
     "EngineContext",
     "EngineError",
+    "TargetStatement",
+    "TargetUnavailable",
     "TaskSpec",
     "engine_class",
     "make_engine",
