@@ -191,6 +191,8 @@ if broker_url.startswith("filesystem://"):
         # kombu polls the folder; its default of 1 s would add up to a second to every hop.
         "polling_interval": 0.1,
         "control_folder": str(_var / "broker" / "control"),
+        # Messages the workers refused (tasks/deadletter.py), kept for an operator.
+        "dead_letter_folder": str(_var / "broker" / "dead"),
     }
 result_backend = _env.get("LEASEHOLD_RESULT_BACKEND") or f"db+sqlite:///{_var / 'results.sqlite3'}"
 if result_backend.startswith("db+sqlite:///"):

@@ -7,16 +7,27 @@ written and fail with ``JSONDecodeError``, which a Celery worker treats as an un
 and exits (kombu issue #1551). Here a consumer takes only a file it can lock shared and finds
 non-empty (the producer holds its exclusive lock for the whole write), and claims it with an
 atomic rename, so two consumers never both take it. A file that still does not parse (its
-producer died mid-write) is dropped with a warning: the broker is a doorbell, and reclaim
-re-dispatches what a lost message would have started.
+producer died mid-write, or another program wrote it) is moved to the dead letters: the broker is
+a doorbell, and reclaim re-dispatches what a lost message would have started.
 
 Its consumer can also be woken from another thread (:meth:`Transport.wake`): a worker on this
 broker runs Celery's blocking consumer loop, which does work queued for the consumer thread (such
 as taking applies again once an apply slot frees, ``tasks/slots.py``) only between waits of up
 to two seconds.
 
-Importing this module makes it the transport of every ``filesystem://`` URL in the process;
-``tasks.app`` imports it, so workers, beat and the CLI use it.
+Both transports here, this one and Redis's (:class:`RedisTransport`), refuse what a producer
+wrote that is not a kombu envelope at all (bytes that are not JSON, JSON that is not an envelope,
+an envelope kombu cannot turn into a message: ``tasks/envelope.py`` :func:`~tasks.envelope.screen`)
+at the one place that still holds the bytes, the channel that popped them. kombu would raise out
+of the consumer there and stop the worker, the message gone. Instead the bytes go to the broker's
+dead letters (``tasks/deadletter.py``: a folder beside the queue folder here, the Redis list
+``leasehold.dead`` there) with one log line, and the consumer carries on. What is an envelope but
+not a task message leasehold can run is refused one step later, by the worker's consumer, alike
+on every transport (``tasks/guard.py``).
+
+Importing this module makes these the transports of every ``filesystem://``, ``redis://`` and
+``rediss://`` URL in the process; ``tasks.app`` imports it, so workers, beat and the CLI use them.
+(``sentinel://`` keeps kombu's transport.)
 """
 
 from __future__ import annotations
@@ -28,15 +39,41 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from queue import Empty
 from typing import Any
 
-from kombu.transport import TRANSPORT_ALIASES, filesystem
-from kombu.utils import json as kombu_json
+from kombu.transport import TRANSPORT_ALIASES, filesystem, redis
+
+from tasks import deadletter
+from tasks.envelope import Refused, screen
 
 log = logging.getLogger(__name__)
-_loads: Callable[[str], Any] = kombu_json.loads  # kombu's, for its own type markers
+
+
+def _text(value: bytes | str) -> str:
+    """kombu's ``bytes_to_str``."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class _Screening:
+    """What both channels add: screening the bytes they popped before kombu reads them."""
+
+    @property
+    def dead_letters(self) -> deadletter.Store:
+        raise NotImplementedError
+
+    def _admit(self, raw: bytes, queue: str) -> dict[str, Any] | None:
+        """The envelope in ``raw``, or None once it is in the dead letters."""
+        channel: Any = self  # a kombu channel (untyped)
+        try:
+            return screen(raw, channel.decode_body)
+        except Refused as exc:
+            letter = deadletter.DeadLetter.of(raw, reason=str(exc), stage="transport", queue=queue)
+            # A connection error propagates: the popped bytes are lost, as kombu would lose them.
+            deadletter.keep(
+                letter, self.dead_letters, fatal=tuple(channel.connection.connection_errors)
+            )
+            return None
 
 
 def _complete(path: str) -> bytes | None:
@@ -57,7 +94,11 @@ def _complete(path: str) -> bytes | None:
     return data or None  # empty: created, not yet locked by its producer
 
 
-class Channel(filesystem.Channel):
+class Channel(_Screening, filesystem.Channel):
+    @property
+    def dead_letters(self) -> deadletter.Store:
+        return deadletter.FolderStore(deadletter.folder_of(self.transport_options))
+
     def _get(self, queue: Any, timeout: Any = None) -> Any:
         wanted = f"{queue}.msg"
         for filename in sorted(os.listdir(self.data_folder_in)):
@@ -76,10 +117,9 @@ class Channel(filesystem.Channel):
                 shutil.move(claimed, os.path.join(self.processed_folder, filename))
             else:
                 os.remove(claimed)
-            try:
-                return _loads(payload.decode())
-            except ValueError:  # includes UnicodeDecodeError
-                log.warning("dropped a corrupt message file %s (its producer died?)", filename)
+            envelope = self._admit(payload, str(queue))
+            if envelope is not None:
+                return envelope
         raise Empty()
 
 
@@ -117,4 +157,58 @@ class Transport(filesystem.Transport):
                 return
 
 
+class RedisChannel(_Screening, redis.Channel):
+    """kombu's Redis channel, screening what it pops (``BRPOP``, and ``RPOP`` for a basic get)
+    before kombu's ``loads``. The two readers are kombu 5.7's, with that one change
+    (``tests/unit/test_deadletter.py`` notices when kombu's change)."""
+
+    @property
+    def dead_letters(self) -> deadletter.Store:
+        client = self._create_client()  # type: ignore[no-untyped-call]
+        return deadletter.RedisStore(client, prefix=self.global_keyprefix or "")
+
+    def _brpop_read(self, **options: Any) -> bool:
+        try:
+            try:
+                dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                # if there's a ConnectionError, disconnect so the next
+                # iteration will reconnect automatically.
+                self.client.connection.disconnect()
+                raise
+            if not dest__item:
+                raise Empty()
+            dest, item = dest__item
+            dest = _text(dest).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(dest)
+            envelope = self._admit(item, dest)
+            if envelope is not None:
+                self.connection._deliver(envelope, dest)
+            return True  # refused: the poller looks again, as after a delivery
+        finally:
+            self._in_poll = None  # type: ignore[assignment]
+            # kombu 5.7: flush a streaming re-auth token now that the connection is idle.
+            flush = getattr(self, "_flush_brpop_reauth", None)
+            if flush is not None:
+                flush()
+
+    def _get(self, queue: Any, timeout: Any = None) -> Any:
+        channel: Any = self  # kombu's helpers are untyped
+        with self.conn_or_acquire() as client:
+            for pri in self.priority_steps:
+                while item := client.rpop(channel._q_for_pri(queue, pri)):
+                    envelope = self._admit(item, str(queue))
+                    if envelope is not None:
+                        channel._maybe_update_queues_expire(client, queue)
+                        return envelope
+            channel._maybe_update_queues_expire(client, queue)
+            raise Empty()
+
+
+class RedisTransport(redis.Transport):
+    Channel = RedisChannel
+
+
 TRANSPORT_ALIASES["filesystem"] = f"{__name__}:Transport"
+TRANSPORT_ALIASES["redis"] = f"{__name__}:RedisTransport"
+TRANSPORT_ALIASES["rediss"] = f"{__name__}:RedisTransport"

@@ -4,8 +4,11 @@ Checks the configuration, the store (reachable, migrated to this code's head), t
 (reachable), that each leasehold queue has a consuming worker, that a beat runs reclaim passes
 (the age of the last one, by the database clock), that nothing of leasehold's waits in Celery's
 default queue ``celery`` (where a caller that names no queue sends, and no leasehold worker
-reads), and that every running apply is heartbeating or being reclaimed. One line per finding;
-the exit status is 1 when any finding is a failure.
+reads), the dead letters (messages the workers refused: how many, and why and when for the newest
+few, never their bodies), that every running apply is heartbeating or being reclaimed, and the
+pull request publications still owed (``storage/publications.py``). One line per finding; the
+exit status is 1 when any finding is a failure (dead letters are a warning: some producer is
+wrong, leasehold is not; so is a publication backlog: GitHub is, and it is retried).
 """
 
 from __future__ import annotations
@@ -14,17 +17,20 @@ import base64
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from storage import applies, marks, migrate
+from storage import applies, marks, migrate, publications
 from storage.database import Database, redact
 from storage.errors import LeaseholdError, StorageError, StorageUnavailable
+from tasks import deadletter
 from tasks.settings import Settings
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 CELERY_DEFAULT_QUEUE = "celery"
 PEEK = 1000  # messages of the default queue read for leasehold task names
+DEAD_SHOWN = 3  # newest dead letters described
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +57,11 @@ def examine(db: Database, settings: Settings, app: Any, *, timeout: float) -> It
     if broker_ok:
         yield from _workers(app, settings, timeout)
         yield from _misrouted(app, settings)
+        yield from _dead_letters(app)
     if store_ok:
         yield from _beat(db, settings)
         yield from _applies(db, settings)
+        yield from _publications(db)
 
 
 def failed(findings: list[Finding]) -> bool:
@@ -192,6 +200,56 @@ def _misrouted(app: Any, settings: Settings) -> Iterator[Finding]:
         yield Finding(OK, "routing", "no leasehold message waits in queue 'celery'")
 
 
+def _dead_letters(app: Any) -> Iterator[Finding]:
+    try:
+        with deadletter.open_store(app) as store:
+            where, count = store.where, store.count()
+            size = store.size() if count else 0
+            newest = store.newest(DEAD_SHOWN) if count else []
+    except Exception as exc:
+        yield Finding(WARN, "dead", f"could not read the dead letters: {_one_line(exc)}")
+        return
+    if not count:
+        yield Finding(OK, "dead", f"no dead letters ({where})")
+        return
+    bound = f"the newest {deadletter.KEEP} and at most {_bytes(deadletter.MAX_BYTES)} are kept"
+    held = "" if size is None else f", {_bytes(size)},"
+    yield Finding(
+        WARN,
+        "dead",
+        f"{count} dead letters{held} in {where} ({bound}): messages the workers refused; some "
+        "producer sends what leasehold cannot run (README: dead letters)",
+    )
+    for letter in newest:
+        yield Finding(WARN, "dead", letter.summary())
+    if count and not newest:
+        yield Finding(WARN, "dead", "read them with the broker's own tools (they are messages)")
+
+
+def _publications(db: Database) -> Iterator[Finding]:
+    """Stopped or final states of applies not yet shown on their pull requests (the outbox of
+    ``storage/publications.py``): their holder publishes them at once, so a backlog that stays
+    means GitHub refuses or no reclaim pass (beat) settles it."""
+    try:
+        owed = publications.backlog(db)
+    except StorageError as exc:
+        yield Finding(FAIL, "github", f"cannot read the owed publications: {exc}")
+        return
+    if not owed.count:
+        yield Finding(OK, "github", "no pull request publication owed")
+        return
+    since = owed.oldest_due_at
+    if isinstance(since, datetime):
+        since = since.strftime("%Y-%m-%d %H:%M:%S UTC")
+    yield Finding(
+        WARN,
+        "github",
+        f"{owed.count} pull request publications owed (the final or stopped state of an apply), "
+        f"the oldest due at {since}: reclaim passes retry them; if this stays, is GitHub "
+        "answering (LEASEHOLD_GITHUB_API_URL, LEASEHOLD_GITHUB_TOKEN)?",
+    )
+
+
 def _beat(db: Database, settings: Settings) -> Iterator[Finding]:
     try:
         mark = marks.read(db, marks.RECLAIM_PASS)
@@ -303,6 +361,18 @@ def _task_name(raw: bytes | str) -> str | None:
         return str(decoded.get("task")) if isinstance(decoded, dict) else None
     except (ValueError, TypeError, AttributeError):
         return None  # not a message of ours to judge
+
+
+def _bytes(n: int) -> str:
+    """``n`` bytes for people: ``512 bytes``, ``3.2 KiB``, ``64 MiB``."""
+    if n < 1024:
+        return f"{n} bytes"
+    size = n / 1024
+    for unit in ("KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.1f}".removesuffix(".0") + f" {unit}"
+        size /= 1024
+    return f"{size:.1f}".removesuffix(".0") + " GiB"
 
 
 def _scheme(url: str) -> str:
