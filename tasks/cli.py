@@ -75,8 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("logs", help="an apply's log, with the lease epoch of each line")
     p.add_argument("apply_id", type=int)
     p.set_defaults(func=_logs)
-    for action in ("stop", "resume", "cancel"):
-        p = sub.add_parser(action, help=f"{action} an apply")
+    for action, text in _CONTROL_HELP.items():
+        p = sub.add_parser(action, help=text, description=text)
         p.add_argument("apply_id", type=int)
         p.add_argument("--by", default=None, help="who asks (recorded with the request)")
         p.set_defaults(func=_control, action=action)
@@ -91,6 +91,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", type=Path, default=Path("var/demo"))
     p.set_defaults(func=_demo)
     return parser
+
+
+_CONTROL_HELP = {
+    "stop": "stop an apply at a safe point (resumable)",
+    "resume": "resume a stopped apply from its first unfinished task",
+    "cancel": "cancel an apply (final)",
+    "retry": "retry a failed apply from its failed task (completed tasks stay done)",
+}
 
 
 def _migrate(db: Database, args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""The ``leasehold`` commands that drive applies (submit, status ID, logs, stop, resume, cancel),
+"""The ``leasehold`` commands that drive applies (submit, status ID, logs, stop, resume, cancel,
+retry),
 run as a user runs them: subprocesses on a temporary SQLite database and the embedded
 ``filesystem://`` broker, with no worker. Errors are one clear line and a non-zero exit."""
 
@@ -16,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from leases import Lease, fence, redeem
+from leases import Lease, fence, mint_token, redeem
 from storage import fenced, open_database
 from storage.database import Database
 from storage.errors import LeaseLost
 from storage.migrate import upgrade
-from storage.states import TaskState
+from storage.states import ApplyState, TaskState
 from tests import support
 from tests.celery_fixtures import REPO, task_rows
 
@@ -247,12 +248,99 @@ def test_stop_of_a_running_apply_is_left_to_its_owner(home: Home) -> None:
     assert again["request_id"] == asked["request_id"]
 
 
-@pytest.mark.parametrize("command", ["status", "logs", "stop", "resume", "cancel"])
+@pytest.mark.parametrize("command", ["status", "logs", "stop", "resume", "cancel", "retry"])
 def test_an_unknown_apply_is_one_clear_line(home: Home, command: str) -> None:
     before = support.snapshot(home.db)
     line = one_error_line(home.run(command, "424242"))
     assert line == "leasehold: apply 424242 does not exist"
     assert support.snapshot(home.db) == before
+
+
+def _fail_at_second_task(home: Home) -> int:
+    """The example apply, run by a worker that completed its first task and failed the second."""
+    apply_id = submit_example(home)
+    lease = home.lease(apply_id)
+    redeem(home.db, lease, "worker-cli/1")
+    first, second, _ = (t["id"] for t in task_rows(home.db, apply_id))
+    with fence(home.db, lease) as fx:
+        fenced.finish_task(fx, first, TaskState.COMPLETED)
+        fenced.start_task(fx, second)
+        fenced.update_task(fx, second, progress=42, checkpoint={"elapsed": 1.26})
+    with fence(home.db, lease, finishing=True) as fx:
+        fenced.finish_task(fx, second, TaskState.FAILED, error="target went away")
+        fenced.cancel_unfinished_tasks(fx)
+        fenced.finish(
+            fx,
+            new_token=mint_token(),
+            successor_token=mint_token(),
+            to_state=ApplyState.FAILED,
+            event="failed",
+            reason="target went away",
+            error="target went away",
+        )
+    return apply_id
+
+
+def test_retry_of_a_failed_apply_dispatches_it_from_its_failed_task(home: Home) -> None:
+    apply_id = _fail_at_second_task(home)
+    assert support.lease_of(home.db, apply_id)[:2] == ("failed", 2)
+
+    retried = _control(home, "retry", apply_id)
+
+    assert (retried["action"], retried["request_state"], retried["apply_state"]) == (
+        "retry",
+        "completed",
+        "dispatched",
+    )
+    assert retried["error"] is None
+    assert support.lease_of(home.db, apply_id)[:2] == ("dispatched", 4)  # retried, dispatched
+    assert len(list(home.queue.iterdir())) == 2  # the new lease was sent to a worker
+    tasks = task_rows(home.db, apply_id)
+    assert [t["state"] for t in tasks] == ["completed", "pending", "pending"]
+    assert tasks[1]["checkpoint"] == {"elapsed": 1.26}
+    status = home.ok("status", str(apply_id))
+    assert status.splitlines()[0] == f"apply {apply_id}: dispatched  (shop in staging)"
+    assert "error:" not in status
+    shown = json.loads(home.ok("status", str(apply_id), "--json"))
+    assert (shown["state"], shown["error"], shown["epoch"]) == ("dispatched", None, 4)
+    log = home.ok("logs", str(apply_id)).splitlines()
+    assert re.search(
+        r"epoch +3 +info +retried +epoch 3: retry requested .*it had failed: target "
+        r"went away$",
+        log[-2],
+    ), log
+    assert re.search(r"epoch +4 +info +dispatched ", log[-1]), log
+
+
+@pytest.mark.parametrize(
+    ("state", "advice"),
+    [
+        ("stopped", "resume a stopped one instead (leasehold resume {id})"),
+        ("dispatched", "this one has not failed: wait for it to end, or stop or cancel it"),
+        ("cancelled", "a cancelled one is final: submit it again"),
+    ],
+)
+def test_retry_of_an_apply_that_has_not_failed_is_one_line_and_changes_nothing(
+    home: Home, state: str, advice: str
+) -> None:
+    apply_id = submit_example(home)
+    if state != "dispatched":
+        _control(home, "stop" if state == "stopped" else "cancel", apply_id)
+    before = support.snapshot(home.db)
+    done = home.run("retry", str(apply_id))
+    line = one_error_line(done)
+    assert line == (
+        f"leasehold: apply {apply_id} is {state}: cannot retry: only a failed apply can be "
+        f"retried; {advice.format(id=apply_id)}"
+    )
+    assert done.stdout == ""
+    assert support.snapshot(home.db) == before
+
+
+def test_retry_is_listed_with_the_other_commands(home: Home) -> None:
+    out = home.ok("--help")
+    assert "retry" in out
+    assert "retry a failed apply from its failed task" in home.ok("retry", "--help")
 
 
 def test_an_id_that_is_not_a_number_is_a_usage_error(home: Home) -> None:

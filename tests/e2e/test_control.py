@@ -1,6 +1,7 @@
 """Scenario 7: stop, resume and cancel, each while the apply runs (its owner acts on the request
 and completes it with a fenced write) and while nobody owns it (a CAS on its state). The
-warm-shutdown handover is in ``test_failover`` since it stops a worker.
+warm-shutdown handover is in ``test_failover`` since it stops a worker. And retry of a failed
+apply from its failed task (issue 10).
 
 Two module-scoped workers serve every test; no beat runs, so a dispatched apply whose message
 was never sent stays unowned for as long as a test needs.
@@ -12,8 +13,11 @@ import json
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
 from storage import applies
+from storage.database import Database
+from storage.tables import metadata
 from tests.e2e.helpers import (
     RESULT_TIMEOUT,
     Cluster,
@@ -66,7 +70,10 @@ def test_stop_while_running_then_resume_from_the_first_unfinished_task(cluster: 
     a CAS dispatches a new lease, and a worker continues from task 2, not from task 1."""
     stack, db = cluster.stack, cluster.stack.db
     cluster.shared_workers(2)
-    apply_id, epoch = _running(stack, 0.3, 4.0, 0.3)
+    # task 2 long enough that the stop (a CLI process, slow to start on a busy machine) always
+    # arrives while it runs; the stop cuts it short, and the resumed run continues from its
+    # checkpoint
+    apply_id, epoch = _running(stack, 0.3, 8.0, 0.3)
 
     asked = _control_cli(stack, apply_id, "stop")
     assert (asked["request_state"], asked["apply_state"]) == ("pending", "running"), asked
@@ -177,3 +184,65 @@ def test_stop_and_cancel_while_not_owned(cluster: Cluster) -> None:
     assert (gone["request_state"], gone["apply_state"]) == ("completed", "cancelled")
     assert events(db, second) == [(1, "dispatched"), (2, "cancelled")]
     assert row(db, second)["finished_at"] is not None
+
+
+def _fix_the_failing_task(db: Database, apply_id: int, position: int) -> None:
+    """What the operator does before a retry, played by the test: the cause of the failure goes
+    away (here, the sleep engine's ``fail`` option of that apply task is switched off)."""
+    table = metadata.tables["apply_tasks"]
+    task = applies.tasks(db, apply_id)[position]
+    options = {**task["options"], "fail": False}
+    with db.transaction() as conn:
+        conn.execute(update(table).where(table.c.id == task["id"]).values(options=options))
+
+
+def test_retry_of_a_failed_apply_completes_it_from_its_failed_task(cluster: Cluster) -> None:
+    """An apply fails at its second task; once the cause is gone, `leasehold retry` puts it back
+    in its line and a worker continues from that task: the first is not run again, each task
+    completes once, and a retry of the completed apply is refused, changing nothing."""
+    stack, db = cluster.stack, cluster.stack.db
+    cluster.shared_workers(2)
+    payload = sleep_payload(0.3, 0.6, 0.3)
+    payload["tasks"][1]["options"]["fail"] = True
+    apply_id = submit_task(stack, payload)
+    failed = wait_state(db, apply_id, "failed", timeout=RESULT_TIMEOUT)
+    assert "failed as asked" in failed["error"], describe(db, apply_id)
+    assert [t["state"] for t in applies.tasks(db, apply_id)] == [
+        "completed",
+        "failed",
+        "cancelled",
+    ]
+    first_done = applies.tasks(db, apply_id)[0]
+    _fix_the_failing_task(db, apply_id, 1)
+
+    retried = _control_cli(stack, apply_id, "retry")
+    assert (retried["request_state"], retried["apply_state"]) == ("completed", "dispatched")
+    final = wait_state(db, apply_id, "completed", timeout=RESULT_TIMEOUT)
+    # Epochs: retried, dispatched (redeemed by a worker), then completed.
+    assert (final["error"], final["lease_epoch"]) == (None, failed["lease_epoch"] + 3)
+    assert_completed_once(db, apply_id)
+    assert applies.tasks(db, apply_id)[0] == first_done  # untouched by the retry and the run
+    entries = logs(db, apply_id)
+    assert [e.message for e in entries if e.event == "task_started"] == [
+        "task 1/3: t1",
+        "task 2/3: t2",
+        "task 2/3: t2",  # the retry's run: from the failed task, not from the first
+        "task 3/3: t3",
+    ], describe(db, apply_id)
+    (retry_line,) = [e for e in entries if e.event == "retried"]
+    assert "it had failed: sleep engine: task t2 failed as asked" in retry_line.message
+    (request,) = control_requests(db, apply_id)
+    assert (request["action"], request["state"], request["requested_by"]) == (
+        "retry",
+        "completed",
+        "e2e-operator",
+    )
+
+    before = [dict(r) for r in control_requests(db, apply_id)], events(db, apply_id)
+    result = stack.client.send_task(
+        CONTROL, kwargs={"apply_id": apply_id, "action": "retry", "requested_by": "e2e"}
+    )
+    error = result.get(timeout=RESULT_TIMEOUT, propagate=False)
+    assert result.state == "FAILURE", (result.state, error)
+    assert f"apply {apply_id} is completed: cannot retry" in str(error)
+    assert ([dict(r) for r in control_requests(db, apply_id)], events(db, apply_id)) == before
