@@ -1,131 +1,200 @@
-"""What the fence costs a GitHub effect, and how many effects one apply sustains.
+"""What GitHub costs an apply: nothing it has to wait for, whether GitHub is up, refusing
+connections or accepting them and never answering; and what the fence costs one effect.
 
-Against the GitHub stand-in (a real HTTP server on 127.0.0.1, in this process), with the same
-``tasks.github.client.GitHubClient`` for every call:
+Against the GitHub stand-in (a real HTTP server on 127.0.0.1, in this process):
 
-- fenced: one comment edit as the ``Publisher`` makes it:
-  ``with leases.fence(db, lease) as fx: client.edit_comment(...); fenced.record_comment(fx, ...)``
-  (the apply row locked from the first statement to the commit, the call and its record in one
-  transaction);
-- plain: ``client.edit_comment(...)`` alone, no database at all.
+1. **An apply under a GitHub outage** (issue 10). The same apply (``--tasks`` sleep-engine tasks
+   of ``--task-seconds`` each, on a pull request) is run by the real ``ApplyRunner`` with the
+   real ``Publisher`` (effect timeout 2 s, comment interval 3 s, as in the issue's report), in
+   three conditions, interleaved over ``--rounds`` rounds so that drift hits each alike:
 
-The two are interleaved, their order alternating per iteration, after a few warm-up rounds that
-are not counted; every edit sets a new body. Reported as medians and their ratio, on MariaDB (a
-scratch database, dropped at the end; skipped when no server answers) and on SQLite (a temporary
-file).
+   - ``up``: the stand-in answers;
+   - ``refusing``: the client points at a port where nothing listens (connection refused);
+   - ``hanging``: every request is held inside the stand-in and never answered (each call ends
+     at the client's timeout).
 
-Then the effect rate of one apply: ``Publisher.progress(boundary=True)`` in a tight loop for a
-few seconds, each call preceded by the fenced progress write that precedes it in the runner
-(without one the body would not change and the publisher would make no call at all). Counted
-from the stand-in's request log: edits per second of wall time, and per second spent inside
-``progress`` alone.
+   Timed: ``ApplyRunner.run()`` from its start to the apply's terminal commit (the runner never
+   waits for the publisher thread, which finishes in the background). Reported as medians and
+   ``apply_outage_ratio`` = the slower outage's median / up's median; the goal is <= 1.2.
 
-The client is opened once (one pooled HTTP connection), as ``run_apply`` opens it for a run.
+2. **One fenced effect.** A comment edit as the publication makes it (open the effect window,
+   edit, record the answer in the effect fence, close the window) against the edit alone, no
+   database: interleaved, order alternating, after warm-up; medians and their ratio.
 
-The last line is ``effect_fence_ratio=<x> effect_rate_per_s=<y>``: median fenced / median plain
-edit, and edits per second of wall time, on MariaDB (on SQLite if MariaDB is unavailable; the
-line before says which). Figures, not assertions.
+The last line is ``apply_outage_ratio=<x> effect_fence_ratio=<y>`` on MariaDB (on SQLite if
+MariaDB is unavailable; the line before says which). Figures, not assertions.
 
-Run: ``.venv/bin/python bench/effects.py [--iterations 200] [--seconds 5] [--backends
-mariadb,sqlite]``.
+Run: ``.venv/bin/python bench/effects.py [--rounds 3] [--tasks 8] [--task-seconds 1]
+[--iterations 200] [--backends mariadb,sqlite]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import secrets
+import socket
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from leases import Lease, fence
-from storage import fenced
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import _common
+from leases import Lease, dispatch, redeem
+from leases.effects import close_window, effect_fence, open_window
+from storage import applies, published
+from storage.applies import NewApply, NewTask
 from storage.database import Database, open_database
+from storage.states import ApplyState
+from tasks.engines.sleep import SleepEngine
 from tasks.github import render
 from tasks.github.client import GitHubClient, GitHubConfig
 from tasks.github.publisher import Publisher
 from tasks.interrupts import Interrupts
+from tasks.runner import ApplyRunner
 from tasks.testing.standin import GitHubStandIn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import _common
-
-OWNER, REPO, PR = "acme", "shop", 7
-REPOSITORY = f"{OWNER}/{REPO}"
+REPOSITORY, PR = "acme/shop", 7
 SHA = "be7c4" + "0" * 35
+EFFECT_TIMEOUT, COMMENT_INTERVAL = 2.0, 3.0
+CONDITIONS = ("up", "refusing", "hanging")
 WARMUP = 10
+_DATABASES = itertools.count(1)
+
+
+class _NoReporter:
+    def progress(self, *, epoch: int, index: int, total: int, table: str, percent: int) -> None:
+        pass
 
 
 @dataclass
 class Figures:
     backend: str
+    apply_s: dict[str, list[float]]
     fenced_us: float
     plain_us: float
-    fenced_p90_us: float
-    plain_p90_us: float
-    edits: int
-    seconds: float
-    progress_seconds: float
-    progress_median_us: float
+
+    def median(self, condition: str) -> float:
+        return statistics.median(self.apply_s[condition])
 
     @property
-    def ratio(self) -> float:
+    def outage_ratio(self) -> float:
+        worst = max(self.median("refusing"), self.median("hanging"))
+        return _common.ratio(worst, self.median("up"))
+
+    @property
+    def fence_ratio(self) -> float:
         return _common.ratio(self.fenced_us, self.plain_us)
 
-    @property
-    def rate(self) -> float:
-        return self.edits / self.seconds if self.seconds > 0 else float("nan")
 
-    @property
-    def rate_in_progress(self) -> float:
-        return self.edits / self.progress_seconds if self.progress_seconds > 0 else float("nan")
+def _refused_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
-def _timed(fn: Callable[[], object]) -> int:
-    started = time.perf_counter_ns()
-    fn()
-    return time.perf_counter_ns() - started
-
-
-def measure(backend: str, url: str, *, iterations: int, seconds: float) -> Figures:
-    token = "ghp_" + secrets.token_hex(20)
-    db = open_database(url)
+@contextmanager
+def _condition(github: GitHubStandIn, condition: str) -> Iterator[str]:
+    """The API URL the client uses under ``condition``."""
+    if condition == "refusing":
+        yield _refused_url()
+        return
+    gate = github.hold("*", ".*") if condition == "hanging" else None
     try:
-        with GitHubStandIn([token]) as github:
-            return _measure(backend, db, github, token, iterations=iterations, seconds=seconds)
+        yield github.url
     finally:
-        db.dispose()
+        if gate is not None:
+            github.clear_faults()
 
 
-def _measure(
-    backend: str,
-    db: Database,
-    github: GitHubStandIn,
-    token: str,
-    *,
-    iterations: int,
-    seconds: float,
-) -> Figures:
-    lease, task_ids = _common.running_lease(db)
+def _pr_lease(db: Database, tasks: int, seconds: float) -> tuple[int, Lease]:
+    new = NewApply(
+        database_name=f"shop{next(_DATABASES)}",
+        environment="bench",
+        engine="sleep",
+        tasks=[
+            NewTask(f"t{i}", f"ALTER TABLE t{i} ADD COLUMN c INT", {"seconds": seconds})
+            for i in range(tasks)
+        ],
+        repository=REPOSITORY,
+        pull_request=PR,
+        head_sha=SHA,
+    )
+    apply_id = applies.create(db, new).apply_id
+    lease = dispatch(db, apply_id)
+    redeem(db, lease, "bench-worker")
+    return apply_id, lease
+
+
+def time_apply(
+    db: Database, github: GitHubStandIn, token: str, condition: str, tasks: int, seconds: float
+) -> float:
+    """Seconds from the runner's start to the apply's terminal commit."""
+    apply_id, lease = _pr_lease(db, tasks, seconds)
+    with _condition(github, condition) as api_url:
+        client = GitHubClient(GitHubConfig(api_url=api_url, token=token, timeout=EFFECT_TIMEOUT))
+        interrupts = Interrupts()
+        publisher = Publisher(
+            db,
+            lease,
+            client.open(),
+            interrupts,
+            repository=REPOSITORY,
+            pull_request=PR,
+            head_sha=SHA,
+            comment_interval=COMMENT_INTERVAL,
+            effect_timeout=EFFECT_TIMEOUT,
+            effect_grace=EFFECT_TIMEOUT,
+        )
+        runner = ApplyRunner(
+            db,
+            lease,
+            SleepEngine(),
+            interrupts,
+            _NoReporter(),
+            effects=publisher,
+        )
+        started = time.perf_counter()
+        outcome = runner.run()
+        elapsed = time.perf_counter() - started
+        publisher.close()
+        if condition == "up":
+            publisher.join(30.0)
+        else:
+            github.clear_faults()  # the thread's held call ends; what it owes is left owed
+            publisher.join(EFFECT_TIMEOUT * 3)
+    if outcome.state != ApplyState.COMPLETED or applies.get(db, apply_id)["state"] != "completed":
+        raise SystemExit(f"apply {apply_id} under {condition}: {outcome}")
+    return elapsed
+
+
+def fence_cost(
+    db: Database, github: GitHubStandIn, token: str, iterations: int
+) -> tuple[float, float]:
+    apply_id, lease = _pr_lease(db, 1, 0.0)
     client = GitHubClient(GitHubConfig(api_url=github.url, token=token, timeout=10.0)).open()
-    marker = render.marker(lease.apply_id, lease.epoch)
+    marker = render.marker(apply_id, lease.epoch)
     comment_id = client.create_comment(REPOSITORY, PR, f"{marker}\nfirst")
-    bodies = (f"{marker}\nedit {n}" for n in range(10**9))
+    bodies = (f"{marker}\nedit {n}" for n in itertools.count())
 
     def fenced_edit() -> None:
         body = next(bodies)
-        with fence(db, lease) as fx:
-            client.edit_comment(REPOSITORY, comment_id, body)
-            fenced.record_comment(
+        open_window(db, lease, EFFECT_TIMEOUT + 1.0)
+        client.edit_comment(REPOSITORY, comment_id, body)
+        with effect_fence(db, lease) as fx:
+            published.record_comment(
                 fx,
                 kind=render.COMMENT_KIND,
                 github_comment_id=comment_id,
                 body_sha256=render.digest(body),
             )
+        close_window(db, lease)
 
     def plain_edit() -> None:
         client.edit_comment(REPOSITORY, comment_id, next(bodies))
@@ -136,69 +205,39 @@ def _measure(
     gc.disable()
     try:
         for i in range(WARMUP + iterations):
-            kinds = [(fenced_edit, fenced_ns), (plain_edit, plain_ns)]
+            kinds: list[tuple[Callable[[], None], list[int]]] = [
+                (fenced_edit, fenced_ns),
+                (plain_edit, plain_ns),
+            ]
             if i % 2:
                 kinds.reverse()
             for fn, out in kinds:
-                elapsed = _timed(fn)
+                started = time.perf_counter_ns()
+                fn()
                 if i >= WARMUP:
-                    out.append(elapsed)
+                    out.append(time.perf_counter_ns() - started)
     finally:
         gc.enable()
-
-    try:
-        edits, wall, in_progress, per_call = _rate(db, lease, task_ids[0], github, client, seconds)
-    finally:
         client.close()
-    return Figures(
-        backend=backend,
-        fenced_us=_common.median_us(fenced_ns),
-        plain_us=_common.median_us(plain_ns),
-        fenced_p90_us=_common.percentile_us(fenced_ns, 0.9),
-        plain_p90_us=_common.percentile_us(plain_ns, 0.9),
-        edits=edits,
-        seconds=wall,
-        progress_seconds=in_progress,
-        progress_median_us=_common.median_us(per_call) if per_call else float("nan"),
-    )
+    return _common.median_us(fenced_ns), _common.median_us(plain_ns)
 
 
-def _rate(
-    db: Database,
-    lease: Lease,
-    task_id: int,
-    github: GitHubStandIn,
-    client: GitHubClient,
-    seconds: float,
-) -> tuple[int, float, float, list[int]]:
-    """Publisher.progress(boundary=True) after each progress write, for ``seconds``."""
-    publisher = Publisher(
-        db,
-        lease,
-        client,
-        Interrupts(),
-        repository=REPOSITORY,
-        pull_request=PR + 1,
-        head_sha=SHA,
-        comment_interval=3600.0,
-    )
-    publisher.start()  # adopt-or-create the comment and the check run; not counted
-    before = _edits(github)
-    per_call: list[int] = []
-    progress = 0
-    started = time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        progress = progress % 100 + 1
-        with fence(db, lease) as fx:
-            fenced.update_task(fx, task_id, state="running", progress=progress)
-        per_call.append(_timed(lambda: publisher.progress(boundary=True)))
-    wall = time.perf_counter() - started
-    edits = _edits(github) - before
-    return edits, wall, sum(per_call) / 1e9, per_call
-
-
-def _edits(github: GitHubStandIn) -> int:
-    return sum(1 for r in github.requests() if r.method == "PATCH" and "/comments/" in r.path)
+def measure(backend: str, url: str, args: argparse.Namespace) -> Figures:
+    token = "ghp_" + secrets.token_hex(20)
+    db = open_database(url)
+    try:
+        with GitHubStandIn([token]) as github:
+            timings: dict[str, list[float]] = {c: [] for c in CONDITIONS}
+            for n in range(args.rounds):
+                order = CONDITIONS[n % 3 :] + CONDITIONS[: n % 3]
+                for condition in order:
+                    timings[condition].append(
+                        time_apply(db, github, token, condition, args.tasks, args.task_seconds)
+                    )
+            fenced_us, plain_us = fence_cost(db, github, token, args.iterations)
+    finally:
+        db.dispose()
+    return Figures(backend, timings, fenced_us, plain_us)
 
 
 @dataclass
@@ -217,27 +256,28 @@ def backends(names: list[str]) -> Iterator[Backend]:
             raise SystemExit(f"unknown backend {name!r} (mariadb, sqlite)")
 
 
-def report(figures: Figures, iterations: int) -> None:
-    print(f"\n[{figures.backend}] one comment edit to the stand-in, {iterations} of each")
-    print(f"  fenced (fence + edit + record, one tx): median {figures.fenced_us:9.0f} us")
-    print(f"  plain  (edit alone)                  : median {figures.plain_us:9.0f} us")
-    print(f"  ratio fenced/plain                   : {figures.ratio:.2f}")
+def report(figures: Figures, args: argparse.Namespace) -> None:
     print(
-        f"  p90 fenced {figures.fenced_p90_us:.0f} us, p90 plain {figures.plain_p90_us:.0f} us; "
-        f"fence + record add {figures.fenced_us - figures.plain_us:.0f} us at the median"
+        f"\n[{figures.backend}] an apply of {args.tasks} x {args.task_seconds:g}s tasks on a pull "
+        f"request (effect timeout {EFFECT_TIMEOUT:g}s, comment interval {COMMENT_INTERVAL:g}s), "
+        f"{args.rounds} rounds"
     )
+    for condition in CONDITIONS:
+        runs = ", ".join(f"{s:.2f}" for s in figures.apply_s[condition])
+        print(f"  GitHub {condition:9}: median {figures.median(condition):6.2f} s  ({runs})")
+    print(f"  slower outage / up: {figures.outage_ratio:.2f}")
     print(
-        f"  effect rate: {figures.edits} edits in {figures.seconds:.2f} s = "
-        f"{figures.rate:.1f} edits/s with a progress write before each "
-        f"({figures.rate_in_progress:.1f}/s counting only Publisher.progress, "
-        f"median {figures.progress_median_us:.0f} us a call)"
+        f"  one comment edit: window + edit + record + close {figures.fenced_us:.0f} us, "
+        f"edit alone {figures.plain_us:.0f} us, ratio {figures.fence_ratio:.2f}"
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--task-seconds", type=float, default=1.0)
     parser.add_argument("--iterations", type=int, default=200)
-    parser.add_argument("--seconds", type=float, default=5.0, help="effect rate loop length")
     parser.add_argument("--backends", default="mariadb,sqlite")
     args = parser.parse_args(argv)
 
@@ -245,24 +285,26 @@ def main(argv: list[str] | None = None) -> int:
     for backend in backends(args.backends.split(",")):
         try:
             with backend.scratch() as url:
-                results[backend.name] = measure(
-                    backend.name, url, iterations=args.iterations, seconds=args.seconds
-                )
+                results[backend.name] = measure(backend.name, url, args)
         except _common.BackendUnavailable as exc:
             print(f"\n[{backend.name}] SKIPPED, NOT MEASURED: {exc}")
             continue
-        report(results[backend.name], args.iterations)
+        report(results[backend.name], args)
 
     headline = results.get("mariadb") or results.get("sqlite")
     if headline is None:
         print("\nno backend available")
-        print("effect_fence_ratio=unavailable effect_rate_per_s=unavailable")
+        print("apply_outage_ratio=unavailable effect_fence_ratio=unavailable")
         return 0
     others = ", ".join(
-        f"{f.backend}: ratio {f.ratio:.2f}, {f.rate:.1f} edits/s" for f in results.values()
+        f"{f.backend}: outage ratio {f.outage_ratio:.2f}, fence ratio {f.fence_ratio:.2f}"
+        for f in results.values()
     )
     print(f"\nlast line from {headline.backend} ({others})")
-    print(f"effect_fence_ratio={headline.ratio:.2f} effect_rate_per_s={headline.rate:.1f}")
+    print(
+        f"apply_outage_ratio={headline.outage_ratio:.2f} "
+        f"effect_fence_ratio={headline.fence_ratio:.2f}"
+    )
     return 0
 
 

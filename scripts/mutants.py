@@ -51,6 +51,7 @@ OWNED = f"{CONTRACT}/test_owned_writes.py"
 LIFECYCLE = f"{CONTRACT}/test_lifecycle.py"
 LINES_TESTS = f"{CONTRACT}/test_lines.py"
 LINE_RACES = f"{CONTRACT}/test_line_races.py"
+EFFECTS = f"{CONTRACT}/test_effect_records.py"
 
 # Killers named more than once (each runs on SQLite and MariaDB; the race tests at REPEATABLE READ
 # and READ COMMITTED too).
@@ -311,6 +312,51 @@ MUTANTS: tuple[Mutant, ...] = (
             FENCED,
             "    return Finished(epoch, lines.promote(conn, line, successor_token))\n",
             "    return Finished(epoch, None)\n",
+        ),
+    ),
+    # --- the effect window (GitHub calls) ---------------------------------------------------------
+    mutant(
+        "window-without-token",
+        "the effect window opens for any holder of the epoch, current token or not",
+        [f"{EFFECTS}::test_only_the_current_lease_opens_a_window"],
+        (
+            STATEMENTS,
+            "            applies.c.lease_token == token,\n"
+            "            applies.c.effect_until.is_(None)\n",
+            "            applies.c.effect_until.is_(None)\n",
+        ),
+    ),
+    mutant(
+        "window-ignores-an-open-window",
+        "a later epoch opens its window while an earlier epoch's call may still be in flight",
+        [f"{EFFECTS}::test_a_later_epoch_waits_for_an_open_window_told_how_long"],
+        (
+            STATEMENTS,
+            "            applies.c.effect_until.is_(None)\n"
+            "            | (applies.c.effect_epoch == epoch)\n"
+            "            | (applies.c.effect_until <= clock.now()),\n",
+            "",
+        ),
+    ),
+    mutant(
+        "close-any-window",
+        "closing an epoch's window closes whichever window is open, a later epoch's too",
+        [f"{EFFECTS}::test_a_later_epoch_waits_for_an_open_window_told_how_long"],
+        (
+            STATEMENTS,
+            "        .where(applies.c.id == apply_id, applies.c.effect_epoch == epoch)\n",
+            "        .where(applies.c.id == apply_id)\n",
+        ),
+    ),
+    mutant(
+        "effect-record-without-token",
+        "an effect's answer is recorded for whoever names the apply, lease moved on or not",
+        [f"{EFFECTS}::test_a_lease_that_moved_on_records_nothing"],
+        (
+            STATEMENTS,
+            "        .where(applies.c.id == apply_id, applies.c.lease_token == token)\n"
+            "        .with_for_update()\n",
+            "        .where(applies.c.id == apply_id)\n        .with_for_update()\n",
         ),
     ),
 )

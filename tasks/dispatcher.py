@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import logging
 
-from kombu.exceptions import OperationalError
-
-from leases import Lease
+from leases import Lease, owe_dispatch
+from storage.errors import StorageError
 from storage.notifications import Notice
+from tasks import runtime
 from tasks.app import app
 
 log = logging.getLogger(__name__)
@@ -18,9 +18,11 @@ RUN_APPLY = "leasehold.run_apply"
 def send_run(lease: Lease) -> bool:
     """Send ``run_apply`` for a freshly rotated lease (after its transaction committed).
 
-    If the broker is unreachable the apply stays ``dispatched`` and reclaim re-dispatches it
-    after the dispatch timeout, so a failed send is logged, not raised. The lease is shown in
-    task events and logs only as its repr (epoch and token prefix), never whole.
+    A send that fails (the broker down or unreachable) is not raised: it is recorded as owed
+    (``leases.owe_dispatch``) and every reclaim pass sends it again until one gets through, so
+    the apply waits for the outage and one reclaim interval, not for the dispatch timeout. If
+    even that record cannot be written, reclaim re-dispatches after the dispatch timeout. The
+    lease is shown in task events and logs only as its repr (epoch and token prefix).
     """
     kwargs = {"apply_id": lease.apply_id, "lease": lease.to_json()}
     try:
@@ -29,13 +31,24 @@ def send_run(lease: Lease) -> bool:
             kwargs=kwargs,
             kwargsrepr=repr({"apply_id": lease.apply_id, "lease": lease}),
         )
-    except OperationalError as exc:
+    except Exception as exc:  # whatever the transport raises: the database is the truth
         log.warning(
-            "apply %s: could not send run_apply for epoch %s (%s); reclaim will re-dispatch",
+            "apply %s: could not send run_apply for epoch %s (%s: %s); the next reclaim pass "
+            "sends it again",
             lease.apply_id,
             lease.epoch,
+            type(exc).__name__,
             exc,
         )
+        try:
+            owe_dispatch(runtime.database(), lease)
+        except StorageError as store_exc:
+            log.warning(
+                "apply %s: could not record the owed dispatch either (%s); reclaim re-dispatches "
+                "it after the dispatch timeout",
+                lease.apply_id,
+                store_exc,
+            )
         return False
     return True
 
@@ -49,7 +62,7 @@ def send_notification(notice: Notice) -> bool:
             kwargs={"apply_id": notice.apply_id, "state": notice.state, "error": notice.error},
             queue=notice.queue,
         )
-    except OperationalError as exc:
+    except Exception as exc:  # whatever the transport raises: it stays owed
         log.warning(
             "apply %s: could not send its notification %s to %s (%s); will retry",
             notice.apply_id,

@@ -8,14 +8,10 @@ its boundary, so the runner knows nothing of HTTP, status codes or any client's 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 from storage.errors import LeaseholdError
-from storage.fenced import Fenced
 from storage.states import ApplyState
-
-T = TypeVar("T")
 
 
 class EffectError(LeaseholdError):
@@ -36,26 +32,20 @@ class EffectRefused(EffectError):
 
 
 class Effects(Protocol):
-    """What the runner asks of a run's effects (a no-op when there are none)."""
+    """What the runner asks of a run's effects (a no-op when there are none). None of these
+    waits for the other side: the runner never waits for GitHub."""
 
     def start(self) -> None:
-        """Show the run as started; an effect that cannot be made is skipped."""
+        """Begin showing the run."""
 
     def progress(self, *, boundary: bool) -> None:
-        """Show progress (at an apply task boundary, or within one); may be skipped."""
+        """Something changed (at an apply task boundary, or within one): show it when due."""
 
-    def publish_in(self, fx: Fenced, state: ApplyState, *, error: str | None = None) -> None:
-        """Publish ``state`` (stopped or terminal) inside the caller's fenced transaction, so that
-        the publication and the state change commit together. One attempt: raises
-        ``EffectRetryable`` or ``EffectRefused``."""
+    def ended(self, state: ApplyState) -> None:
+        """The run ended in ``state`` (committed): publish what the pull request is owed."""
 
-    def retrying(self, attempt: Callable[[], T]) -> T:
-        """Run ``attempt`` (a fenced transaction that calls ``publish_in``) as the effects retry
-        their own: after any lock-delay, again after a retryable failure while attempts remain.
-        Raises ``EffectRefused`` at once, ``EffectRetryable`` once attempts run out, and
-        ``LeaseLost`` as soon as the lease is lost."""
-
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """The run is over; finish what is owed in the background."""
 
 
 class NoEffects:
@@ -65,11 +55,8 @@ class NoEffects:
     def progress(self, *, boundary: bool) -> None:
         pass
 
-    def publish_in(self, fx: Fenced, state: ApplyState, *, error: str | None = None) -> None:
+    def ended(self, state: ApplyState) -> None:
         pass
-
-    def retrying(self, attempt: Callable[[], T]) -> T:
-        return attempt()
 
     def close(self) -> None:
         pass

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 from celery.exceptions import Ignore
 
 from leases import Lease, redeem
 from storage import applies
+from storage.database import Database
 from storage.errors import (
     ApplyNotFound,
     InvalidInput,
@@ -17,20 +19,25 @@ from storage.errors import (
     InvalidTransition,
     LeaseLost,
     RowNotFound,
+    StorageBusy,
+    StorageUnavailable,
 )
 from tasks import notify, runtime, service
 from tasks.app import app
+from tasks.backoff import Backoff
 from tasks.dispatcher import send_notification, send_run
 from tasks.engines import make_engine
 from tasks.github.effects import github_effects
 from tasks.heartbeat import Heartbeat
 from tasks.interrupts import Interrupts
+from tasks.progress import CeleryProgress
 from tasks.runner import ApplyRunner
 
 log = logging.getLogger(__name__)
 
 LEASE_LOST = "LEASE_LOST"  # a distinct final state, shown by Flower from the task event below
-PROGRESS = "PROGRESS"
+# While the store is unreachable, a worker that received run_apply keeps trying to redeem it.
+REDEEM_BACKOFF = Backoff((0.5, 1.0, 2.0, 4.0, 5.0))
 
 
 # Errors that are the caller's, not ours: reported as task failures, logged without a traceback.
@@ -63,27 +70,6 @@ def reclaim_stale_applies() -> int:
     )
 
 
-class _FlowerReporter:
-    """Progress for Flower: the task's state (result backend) and a ``task-progress`` event,
-    since Flower's event views show a custom state only from events."""
-
-    def __init__(self, task: Any, apply_id: int) -> None:
-        self.task = task
-        self.apply_id = apply_id
-
-    def progress(self, *, epoch: int, index: int, total: int, table: str, percent: int) -> None:
-        meta = {
-            "apply_id": self.apply_id,
-            "epoch": epoch,
-            "task": index + 1,
-            "tasks": total,
-            "table": table,
-            "percent": percent,
-        }
-        self.task.update_state(state=PROGRESS, meta=meta)
-        self.task.send_event("task-progress", **meta)
-
-
 # Strategy: admitted into a free apply slot of the worker, never onto the control pool (slots.py).
 @app.task(name="leasehold.run_apply", bind=True, throws=EXPECTED, Strategy="tasks.slots:strategy")
 def run_apply(self: Any, apply_id: Any, lease: Any) -> dict[str, Any]:
@@ -100,7 +86,7 @@ def run_apply(self: Any, apply_id: Any, lease: Any) -> dict[str, Any]:
         send_run(held)
         return {"apply_id": apply_id, "epoch": held.epoch, "outcome": "passed_on"}
     try:
-        origin = redeem(db, held, owner)
+        origin = _redeem(db, held, owner, patience=settings.dispatch_timeout)
     except LeaseLost as exc:
         if exc.current_epoch is not None and held.epoch >= exc.current_epoch:
             # Every epoch has exactly one token: a later epoch, or the current one with another
@@ -125,18 +111,25 @@ def run_apply(self: Any, apply_id: Any, lease: Any) -> dict[str, Any]:
         stale_after=settings.stale_after,
     )
     beat.start()
+    reporter = CeleryProgress.for_task(self, apply_id)
     try:
-        reporter = _FlowerReporter(self, apply_id)
-        outcome = ApplyRunner(db, held, engine, interrupts, reporter, effects=effects).run()
+        outcome = ApplyRunner(
+            db,
+            held,
+            engine,
+            interrupts,
+            reporter,
+            effects=effects,
+            target_retry=settings.target_retry,
+        ).run()
     except LeaseLost as exc:
         log.warning("run_apply %r: lease lost, stopping without further writes: %s", held, exc)
-        meta = {"apply_id": apply_id, "epoch": held.epoch, "reason": str(exc)}
-        self.update_state(state=LEASE_LOST, meta=meta)
-        self.send_event("task-lease_lost", **meta)
+        _report_lease_lost(self, {"apply_id": apply_id, "epoch": held.epoch, "reason": str(exc)})
         raise Ignore() from exc
     finally:
         beat.stop()
         beat.join()
+        reporter.close()
         effects.close()
         runtime.unregister_run(self.request.id)
     for lease in (outcome.lease, outcome.successor):
@@ -150,3 +143,29 @@ def run_apply(self: Any, apply_id: Any, lease: Any) -> dict[str, Any]:
         "outcome": str(outcome.state),
         "error": outcome.error,
     }
+
+
+def _redeem(db: Database, lease: Lease, owner: str, *, patience: float) -> str:
+    """Redeem, retrying while the store is unreachable: the message is already taken from the
+    broker, and giving up would leave the apply until the dispatch timeout. Past ``patience``
+    (the dispatch timeout, after which reclaim re-dispatches anyway) the error is raised."""
+    deadline = time.monotonic() + patience
+    attempt = 0
+    while True:
+        try:
+            return redeem(db, lease, owner)
+        except (StorageUnavailable, StorageBusy) as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("run_apply %r: store unreachable, retrying the redemption: %s", lease, exc)
+            time.sleep(REDEEM_BACKOFF.delay(attempt))
+            attempt += 1
+
+
+def _report_lease_lost(task: Any, meta: dict[str, Any]) -> None:
+    """Flower's distinct state for a run that lost its lease: best-effort, like all progress."""
+    try:
+        task.update_state(state=LEASE_LOST, meta=meta)
+        task.send_event("task-lease_lost", **meta)
+    except Exception as exc:  # the broker or result backend is down: the database is the truth
+        log.warning("apply %s: lease loss not reported to Celery: %s", meta["apply_id"], exc)

@@ -21,10 +21,12 @@ from storage.errors import LeaseLost, StorageBusy, StorageError, StorageUnavaila
 from storage.fenced import Fenced
 from storage.states import ApplyState, ControlState, TaskState
 from tasks.backoff import Backoff
-from tasks.effects import EffectError, Effects, NoEffects
+from tasks.effects import Effects, NoEffects
 from tasks.engines import Engine, EngineCancelled, EngineContext, EngineError, TaskSpec
 from tasks.engines.base import Progress
+from tasks.engines.target_errors import describe
 from tasks.interrupts import Interrupts, Reason
+from tasks.target_retry import run_task as run_on_target
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,8 +60,12 @@ class ApplyRunner:
         progress_interval: float = 1.0,
         effects: Effects | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        target_retry: float = 0.0,
     ) -> None:
+        # target_retry: how long a task retries a target it cannot reach (run_apply passes
+        # LEASEHOLD_TARGET_RETRY); 0 fails it at the first outage.
         self.effects: Effects = effects or NoEffects()
+        self.target_retry = target_retry
         self.db = db
         self.lease = lease
         self.engine = engine
@@ -107,13 +113,22 @@ class ApplyRunner:
         self._report(index, total, spec, spec.progress)
         self.effects.progress(boundary=True)
         ctx = EngineContext(
-            progress=self._progress_writer(spec, index, total), cancelled=self.interrupts.event
+            progress=self._progress_writer(spec, index, total),
+            cancelled=self.interrupts.event,
+            apply_id=self.lease.apply_id,
+            epoch=self.lease.epoch,
+            log=lambda level, event, message: self._write(
+                lambda fx: fenced.append_log(fx, event, message, level=level)
+            ),
+            confirm_lease=lambda: self._write(lambda fx: None),
         )
         try:
-            if self.engine.already_applied(spec):
+            # The target-side fence, already_applied, the DDL; target outages retried.
+            if run_on_target(
+                self.engine, spec, ctx, window=self.target_retry, interrupts=self.interrupts
+            ):
                 self._write(lambda fx: self._complete_task(fx, spec, "task_skipped", label))
                 return None
-            self.engine.run(spec, ctx)
         except EngineCancelled:
             return self._interrupted(spec)
         except (LeaseLost, StorageError):
@@ -122,7 +137,10 @@ class ApplyRunner:
             # EngineError, but also a target missing from this worker's configuration or an
             # engine bug: fail the apply with the real reason rather than leave it running, to
             # be reclaimed again and again until it fails as "abandoned".
-            error = str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, EngineError):
+                error = str(exc)
+            else:  # never a driver's wrapping, nor a target URL's password
+                error = f"{type(exc).__name__}: {describe(exc)}"
             return self._end(ApplyState.FAILED, "failed", error, failed_task=spec)
         self._write(lambda fx: self._complete_task(fx, spec, "task_completed", label))
         self._report(index, total, spec, 100)
@@ -201,8 +219,7 @@ class ApplyRunner:
                 reason="stopped by request" if stopping else "worker shutting down: handed back",
             )
 
-        # A handover publishes nothing: the next holder edits the comment at once.
-        epoch = self._transition(prepare, rotate, publish=target if stopping else None)
+        epoch = self._transition(prepare, rotate, state=target)
         log.info("apply %s %s at a safe point", self.lease.apply_id, target)
         if stopping:
             return Outcome(target)
@@ -213,39 +230,20 @@ class ApplyRunner:
         prepare: Callable[[Fenced], None],
         rotate: Callable[[Fenced], T],
         *,
-        publish: ApplyState | None,
-        error: str | None = None,
+        state: ApplyState,
         finishing: bool = False,
     ) -> T:
-        """Change state and rotate the lease away in one fenced transaction, publishing the new
-        state through the effects inside it, so that the publication and the change commit
-        together.
+        """Change state and rotate the lease away in one fenced transaction; then tell the
+        effects, which publish the new state on their own time (the rotation made it owed to
+        the pull request in the same transaction): the change never waits for GitHub."""
 
-        The effects retry a failed publication as they retry their own (a new fence each time);
-        if it is refused or keeps failing, the state change is made without the publication
-        rather than left undone.
-        """
-
-        def with_publication(fx: Fenced) -> T:
-            assert publish is not None
-            prepare(fx)
-            self.effects.publish_in(fx, publish, error=error)
-            return rotate(fx)
-
-        def without_publication(fx: Fenced) -> T:
+        def transition(fx: Fenced) -> T:
             prepare(fx)
             return rotate(fx)
 
-        if publish is not None:
-            try:
-                return self.effects.retrying(
-                    lambda: self._write(with_publication, finishing=finishing)
-                )
-            except EffectError as exc:
-                log.error(
-                    "apply %s: %s made without publishing it: %s", self.lease.apply_id, publish, exc
-                )
-        return self._write(without_publication, finishing=finishing)
+        result = self._write(transition, finishing=finishing)
+        self.effects.ended(state)
+        return result
 
     def _finish_request(self, fx: Fenced) -> None:
         if self.interrupts.request_id is not None:
@@ -281,7 +279,7 @@ class ApplyRunner:
                 error=error,
             )
 
-        finished = self._transition(prepare, rotate, publish=state, error=error, finishing=True)
+        finished = self._transition(prepare, rotate, state=state, finishing=True)
         log.info("apply %s %s: %s", self.lease.apply_id, state, reason)
         successor = finished.successor
         return Outcome(

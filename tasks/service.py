@@ -11,12 +11,13 @@ from typing import Any
 
 import leases
 from leases import Lease, dispatch_waiting, reclaim
-from leases.control import settle_unowned
+from leases.control import check_retryable, refused_retry, settle_unowned
 from storage import applies, control, marks, notifications
 from storage.database import Database
 from storage.errors import InvalidInput
-from storage.states import ApplyState, ControlAction
+from storage.states import ApplyState, ControlAction, ControlState
 from tasks import notify as notifier
+from tasks.github.owed import publish_owed
 from tasks.payload import parse_submission
 from tasks.settings import Settings
 
@@ -47,16 +48,21 @@ def control_apply(
 ) -> dict[str, Any]:
     """Record a control request and carry it out now if the apply has no owner. A cancel that
     ends the apply delivers its completion notification with ``notify`` (without one, the next
-    reclaim pass does)."""
+    reclaim pass does). A retry of an apply that has not failed raises ``InvalidTransition``:
+    before recording anything, or, if it lost a race, once its request ended failed."""
     apply_id = require_id(apply_id)
     if not isinstance(action, str) or action not in set(ControlAction):
-        raise InvalidInput(f"action must be one of stop, resume, cancel; not {action!r}")
+        raise InvalidInput(f"action must be one of {', '.join(ControlAction)}; not {action!r}")
     if requested_by is not None and (
         not isinstance(requested_by, str) or len(requested_by) > MAX_REQUESTED_BY
     ):
         raise InvalidInput(f"requested_by must be a string of at most {MAX_REQUESTED_BY} chars")
+    if action == ControlAction.RETRY:
+        check_retryable(db, apply_id)  # refused before anything is written
     request, _ = control.request(db, apply_id, ControlAction(action), requested_by=requested_by)
     settled = settle_unowned(db, request)
+    if action == ControlAction.RETRY and settled.request.state == ControlState.FAILED:
+        raise refused_retry(settled)
     for lease in (settled.lease, settled.successor):
         if lease is not None:
             send(lease)
@@ -76,17 +82,24 @@ def reclaim_stale(
     db: Database, settings: Settings, send: Send, notify: notifier.Send | None = None
 ) -> int:
     """One reclaim pass; dispatches each reclaimed apply after its batch committed. Then the
-    waiting head of every line that has one (after an apply failed as abandoned), and every
-    completion notification still owed. Records the pass (``leasehold doctor`` reads its age)."""
+    waiting head of every line that has one (after an apply failed as abandoned), every
+    ``run_apply`` whose send failed (the broker was down), and every completion notification
+    still owed. Records the pass (``leasehold doctor`` reads its age); then publishes what pull
+    requests are still owed (``tasks.github.owed``)."""
     reclaimed = reclaim(db, settings.reclaim_policy)
     for item in reclaimed:
         if item.lease is not None:
             send(item.lease)
     for lease in dispatch_waiting(db):
         send(lease)
+    for lease in leases.owed_dispatches(db):
+        if send(lease):
+            leases.dispatch_sent(db, lease)
     if notify is not None:
         notifier.deliver(db, notify)
     marks.touch(db, marks.RECLAIM_PASS, detail=f"{len(reclaimed)} rotated")
+    # Last, and bounded: a GitHub outage costs a pass at most one call's timeout here.
+    publish_owed(db, settings)
     return len(reclaimed)
 
 

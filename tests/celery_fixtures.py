@@ -107,9 +107,11 @@ def sleep_apply(
     fail_at: int | None = None,
     request_id: str | None = None,
     database: str | None = None,
+    pull_request: bool = False,
 ) -> int:
     """A queued ``sleep`` apply with one apply task per entry of ``seconds``, on a line (database)
-    of its own unless ``database`` names one to share."""
+    of its own unless ``database`` names one to share; on pull request acme/shop#42 if
+    ``pull_request``."""
     tasks = [
         NewTask(
             f"t{i}",
@@ -124,6 +126,9 @@ def sleep_apply(
         engine="sleep",
         tasks=tasks,
         request_id=request_id,
+        repository="acme/shop" if pull_request else None,
+        pull_request=42 if pull_request else None,
+        head_sha="0" * 40 if pull_request else None,
     )
     return applies.create(db, new).apply_id
 

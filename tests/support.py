@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from tasks.settings import Settings
 
 # Children first, so that foreign keys never block a wipe.
 TABLES = [
+    "publications",
     "notifications",
     "control_requests",
     "checks",
@@ -229,3 +231,27 @@ def lease_of(db: Database, apply_id: int) -> tuple[str, int, str | None, str | N
 def log_events(db: Database, apply_id: int) -> list[tuple[int, str]]:
     """(lease_epoch, event) of every log line of an apply, in id order."""
     return [(int(r["lease_epoch"]), str(r["event"])) for r in applies_repo.logs(db, apply_id)]
+
+
+def closed_url() -> str:
+    """An http:// URL where nothing listens: connections are refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def make_due(db: Database, *apply_ids: int) -> None:
+    """Make the owed publications of ``apply_ids`` due now and unclaimed (as time passing
+    would), without sleeping through their backoff."""
+    table = metadata.tables["publications"]
+    if db.is_sqlite:
+        value: Any = text("strftime('%Y-%m-%d %H:%M:%f000', 'now', '-1 seconds')")
+    else:
+        value = text("UTC_TIMESTAMP(6) - INTERVAL 1 SECOND")
+    with db.transaction() as conn:
+        conn.execute(
+            update(table)
+            .where(table.c.apply_id.in_(apply_ids), table.c.due_at.is_not(None))
+            .values(due_at=value, claimed_at=None)
+        )

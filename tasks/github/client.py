@@ -38,11 +38,17 @@ class GitHubError(LeaseholdError):
 
 
 class GitHubRetryable(GitHubError):
-    """5xx, a timeout, a dropped connection or a rate limit: worth another attempt later."""
+    """5xx, a timeout, a dropped connection or a rate limit: worth another attempt later.
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    ``answered``: GitHub answered (a 5xx, a rate limit), so the request is over; False when no
+    answer came (a timeout, a dropped connection), and GitHub may still apply it later."""
+
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, answered: bool = False
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.answered = answered
 
 
 class GitHubRejected(GitHubError):
@@ -210,14 +216,16 @@ class GitHubClient:
             return request().json()
         except RateLimitExceeded as exc:
             raise GitHubRetryable(
-                f"rate limited: {exc!r}", retry_after=exc.retry_after.total_seconds()
+                f"rate limited: {exc!r}",
+                retry_after=exc.retry_after.total_seconds(),
+                answered=True,
             ) from exc
         except RequestFailed as exc:
             status = exc.response.status_code
             if status >= 500 or status in (403, 429):
                 after = _retry_after(exc.response.raw_response.headers)
                 raise GitHubRetryable(
-                    f"GitHub answered {status}: {exc!r}", retry_after=after
+                    f"GitHub answered {status}: {exc!r}", retry_after=after, answered=True
                 ) from exc
             raise GitHubRejected(f"GitHub answered {status}: {exc!r}") from exc
         except RequestTimeout as exc:

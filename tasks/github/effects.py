@@ -49,5 +49,7 @@ def github_effects(
         pull_request=int(apply["pull_request"]),
         head_sha=str(apply["head_sha"]),
         comment_interval=settings.comment_interval,
-        grace=settings.effect_grace if reclaimed else 0.0,
+        effect_timeout=settings.effect_timeout,
+        effect_grace=settings.effect_grace,
+        reclaimed=reclaimed,
     )

@@ -1,61 +1,67 @@
-"""The GitHub effects of one held lease: a progress comment and a check run, each call made
-inside the fence, so that no rotation can commit while it is in flight.
+"""The GitHub effects of one run, on a thread of their own: the runner never waits for GitHub.
 
-Each attempt is ``with fence(...)``: prove the lease and lock the apply row, render the full
-state from that same transaction, make one HTTP call (hard timeout ``effect_timeout``, well under
-``stale_after``), record the result (comment id, edit count, epoch, body digest; check status),
-commit. A retry is a new attempt in a new fence, so a lease lost between attempts stops the
-retries at once (``LeaseLost``). Creation is idempotent: an existing comment carrying the apply's
-marker, or a check run with its ``external_id``, is adopted instead of creating a second one,
-which heals a crash between GitHub's answer and our commit.
+The runner only says that something changed (:meth:`Publisher.progress`) or that the run ended
+(:meth:`Publisher.ended`); neither blocks. The publisher's thread renders the state the store
+holds *now* and publishes it (``tasks.github.publication``): at every apply task boundary, and at
+most once a ``comment_interval`` within a task. Edits coalesce, and every edit carries the full
+state, so a late one catches up. While GitHub fails, attempts back off (up to ``MAX_BACKOFF``,
+or longer if GitHub asked with ``Retry-After``) and the apply goes on untouched.
 
-Lock-delay: a holder whose lease came from a reclaim waits ``effect_grace`` (longer than the
-effect timeout) before its first call, so that a call of the previous holder that timed out on
-its side but still reaches GitHub lands before ours and is overwritten by our next edit.
+When the run stops or ends, the rotation that made it so also made the new state *owed* to the
+pull request (``storage.publications``), in the same transaction. The thread then claims that
+publication and makes it under the apply's new lease, retrying for ``FINAL_ATTEMPTS``; whatever
+is still owed after that (GitHub down, the worker killed) is settled by a later reclaim pass
+(``tasks.github.owed``). A handed-back run publishes nothing: its next holder does.
 
-This is the boundary of the GitHub client: its errors leave here as ``EffectRetryable`` (with
-GitHub's ``Retry-After`` or rate-limit reset as ``retry_after``) or ``EffectRefused``.
+Lock-delay: a holder whose lease came from a reclaim makes no call before ``effect_grace`` has
+passed, so that a call of the previous holder that timed out on its side but still reached
+GitHub lands before ours. The effect window (``storage.published``) keeps the calls of two
+epochs from overlapping on our side.
+
+Once the lease is lost, or presumed lost (no heartbeat for ``stale_after``), no call is made.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import replace
-from typing import Final, TypeVar
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum, auto
+from typing import Final
 
-from leases import Lease, fence
-from storage import fenced
+from leases import Lease
+from leases.effects import claim_publication
+from storage import publications
 from storage.database import Database
-from storage.errors import LeaseholdError, StorageBusy, StorageUnavailable
-from storage.fenced import Fenced
+from storage.errors import EffectWindowBusy, LeaseLost, StorageError
 from storage.states import ApplyState
 from tasks.backoff import Backoff
 from tasks.effects import EffectRefused, EffectRetryable
-from tasks.github import render
-from tasks.github.client import GitHubClient, GitHubRejected, GitHubRetryable
+from tasks.github.client import GitHubClient
+from tasks.github.publication import WINDOW_MARGIN, Publication
 from tasks.interrupts import Interrupts
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-# GitHub may ask for longer (Retry-After, a rate-limit reset); max_hint bounds what we grant it.
-BACKOFF: Final = Backoff((0.5, 1.0, 2.0, 4.0, 8.0), max_hint=30.0)
+
+# While GitHub fails: the wait before the next attempt (GitHub may ask for longer, up to
+# MAX_BACKOFF); the last one repeats for as long as the outage lasts.
+MAX_BACKOFF: Final = 60.0
+BACKOFF: Final = Backoff((1.0, 2.0, 4.0, 8.0, 15.0, 30.0, MAX_BACKOFF), max_hint=MAX_BACKOFF)
+FINAL_ATTEMPTS: Final = 4  # by the holder, before a reclaim pass takes over
+POLL: Final = 0.25  # how often a waiting thread looks at the lease and the clock
 
 
-@contextmanager
-def _in_leasehold_terms() -> Iterator[None]:
-    try:
-        yield
-    except GitHubRejected as exc:
-        raise EffectRefused(str(exc)) from exc
-    except GitHubRetryable as exc:
-        raise EffectRetryable(str(exc), retry_after=exc.retry_after) from exc
+class _Job(Enum):
+    RUNNING = auto()
+    FINAL = auto()
+    STOP = auto()
 
 
 class Publisher:
-    """The ``tasks.effects.Effects`` of an apply on a pull request."""
+    """The ``tasks.effects.Effects`` of a run whose apply has a pull request."""
 
     def __init__(
         self,
@@ -68,9 +74,11 @@ class Publisher:
         pull_request: int,
         head_sha: str,
         comment_interval: float,
-        grace: float = 0.0,
-        max_attempts: int = 5,
-        max_retry_after: float = BACKOFF.max_hint,
+        effect_timeout: float,
+        effect_grace: float,
+        reclaimed: bool = False,
+        backoff: Backoff = BACKOFF,
+        final_attempts: int = FINAL_ATTEMPTS,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.db = db
@@ -81,183 +89,225 @@ class Publisher:
         self.pull_request = pull_request
         self.head_sha = head_sha
         self.comment_interval = comment_interval
-        self.max_attempts = max_attempts
-        self.backoff = replace(BACKOFF, max_hint=max_retry_after)
+        # A call's window: as long as the lock-delay allows a call that timed out on our side
+        # (after effect_timeout) to land at GitHub, plus the margin for opening it.
+        self.window = max(effect_grace, effect_timeout) + WINDOW_MARGIN
+        self.backoff = backoff
+        self.final_attempts = final_attempts
         self._monotonic = monotonic
-        self._grace_until = monotonic() + grace
-        self._last_edit = float("-inf")
-        self._quiet_until = float("-inf")
+        self._grace_until = monotonic() + (effect_grace if reclaimed else 0.0)
+        self._cond = threading.Condition()
+        self._dirty = False
+        self._urgent = False
+        self._ended: ApplyState | None = None
+        self._closing = False
+        self._last_edit = -math.inf
+        self._not_before = -math.inf
+        # Set once a publication found the lease moved on: no running publication is tried again
+        # (it would only be refused), but an end the runner still reports is published.
+        self.stale = False
+        self.failures = 0
         self.calls = 0
+        self.published = 0
+        self._thread = threading.Thread(
+            target=self._run, name=f"publisher-{lease.apply_id}", daemon=True
+        )
 
-    # --- the runner's hooks ----------------------------------------------------------------------
+    # --- the runner's hooks (never block) --------------------------------------------------------
 
     def start(self) -> None:
-        """Create or adopt the comment and the check run, then show the running state."""
-        self._effect(lambda fx: self._check_in(fx, ApplyState.RUNNING))
-        self._effect(lambda fx: self._comment_in(fx, ApplyState.RUNNING))
-        self._last_edit = self._monotonic()
+        if self._thread.ident is None:  # idempotent: a test may start it before the runner does
+            self._thread.start()
+        self.progress(boundary=True)
 
     def progress(self, *, boundary: bool) -> None:
-        """Edit the comment: at every apply task boundary, otherwise at most once an interval."""
-        now = self._monotonic()
-        if now < self._quiet_until:
-            return  # GitHub failed us just now: don't stall the apply on every boundary
-        if not boundary and now - self._last_edit < self.comment_interval:
-            return
-        self._last_edit = now
-        self._effect(lambda fx: self._comment_in(fx, ApplyState.RUNNING))
+        with self._cond:
+            self._dirty = True
+            self._urgent = self._urgent or boundary
+            self._cond.notify()
 
-    def publish_in(self, fx: Fenced, state: ApplyState, *, error: str | None = None) -> None:
-        """One attempt, inside the caller's fence, at publishing ``state`` (stopped or terminal),
-        so that the publication and the state change commit together.
-
-        An earlier attempt's calls may have reached GitHub although its transaction rolled back
-        (an answer lost or too late): what GitHub already shows is not sent again, so that the
-        final body is edited in once and the check run concluded once."""
-        with _in_leasehold_terms():
-            self._comment_in(fx, state, error=error, unless_shown=True)
-            if state.terminal:
-                self._check_in(fx, state)
-
-    def retrying(self, attempt: Callable[[], T]) -> T:
-        """Make ``attempt`` (one fenced transaction calling GitHub) until it succeeds, is refused,
-        or attempts run out; each attempt after the lock-delay, each retry after a pause."""
-        failure: LeaseholdError | None = None
-        for n in range(self.max_attempts):
-            self._await_grace()
-            try:
-                return attempt()
-            except EffectRefused as exc:
-                log.error("apply %s: GitHub refused an effect: %s", self.lease.apply_id, exc)
-                raise
-            except EffectRetryable as exc:
-                log.warning(
-                    "apply %s: GitHub effect failed, will retry: %s", self.lease.apply_id, exc
-                )
-                failure = exc
-            except (StorageUnavailable, StorageBusy) as exc:
-                log.warning("apply %s: effect not fenced, will retry: %s", self.lease.apply_id, exc)
-                failure = exc
-            self.pause(n, failure)
-        raise EffectRetryable(
-            f"GitHub effect given up after {self.max_attempts} attempts: {failure}"
-        ) from failure
+    def ended(self, state: ApplyState) -> None:
+        with self._cond:
+            self._ended = state
+            self._cond.notify()
 
     def close(self) -> None:
-        self.client.close()
+        """The run is over: the thread finishes what it owes (a final publication) and exits
+        on its own; nothing waits for it."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
 
-    # --- attempts --------------------------------------------------------------------------------
+    def join(self, timeout: float | None = None) -> bool:
+        """For tests and shutdown: wait for the thread; True if it has exited."""
+        if self._thread.ident is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
-    def pause(self, attempt: int, error: LeaseholdError) -> None:
-        """The backoff after failed ``attempt``; ends early only if the lease is lost."""
-        hint = error.retry_after if isinstance(error, EffectRetryable) else None
-        self._sleep_until(self._monotonic() + self.backoff.delay(attempt, hint=hint))
+    # --- the thread ------------------------------------------------------------------------------
 
-    def _await_grace(self) -> None:
-        """The lock-delay after a reclaim; ends early only if the lease is lost."""
-        self._sleep_until(self._grace_until)
-        self.interrupts.raise_if_lost()
-
-    def _sleep_until(self, deadline: float) -> None:
-        while (remaining := deadline - self._monotonic()) > 0:
-            self.interrupts.raise_if_lost()
-            time.sleep(min(0.1, remaining))
-
-    def _effect(self, body: Callable[[Fenced], None]) -> bool:
-        """Make ``body`` in a fence of its own, retrying. An effect that cannot be made is logged
-        and skipped: the apply itself goes on, and the next edit renders the full state anyway."""
-
-        def attempt() -> None:
-            with fence(self.db, self.lease) as fx, _in_leasehold_terms():
-                body(fx)
-
+    def _run(self) -> None:
         try:
-            self.retrying(attempt)
-        except EffectRefused:
-            return False
-        except EffectRetryable as exc:
-            log.error(
-                "apply %s: %s; progress edits pause for %gs",
+            while (job := self._next()) is _Job.RUNNING:
+                self._publish_running()
+            if job is _Job.FINAL:
+                self._publish_final()
+        except Exception:
+            log.exception("apply %s: the publisher failed", self.lease.apply_id)
+        finally:
+            self.client.close()
+
+    def _next(self) -> _Job:
+        with self._cond:
+            while (job := self._decide(self._monotonic())) is None:
+                self._cond.wait(POLL)
+            if job is _Job.RUNNING:
+                self._dirty = self._urgent = False
+            return job
+
+    def _decide(self, now: float) -> _Job | None:
+        """The thread's next job at ``now``, or None to wait (called with the condition held)."""
+        if self._ended is not None:
+            if not (self._ended.terminal or self._ended == ApplyState.STOPPED):
+                return _Job.STOP  # handed back: the next holder publishes
+            # the lock-delay, and GitHub's Retry-After, bind the final publication too
+            return _Job.FINAL if now >= max(self._grace_until, self._not_before) else None
+        if self.interrupts.lost is not None or self._closing:
+            return _Job.STOP
+        if self._dirty and not self.stale and self._due() <= now:
+            return _Job.RUNNING
+        return None
+
+    def _due(self) -> float:
+        if not self._dirty:
+            return math.inf
+        spacing = 0.0 if self._urgent else self.comment_interval
+        return max(self._last_edit + spacing, self._not_before, self._grace_until)
+
+    def _publication(self, lease: Lease, *, may_call: Callable[[], None]) -> Publication:
+        return Publication(
+            self.db,
+            lease,
+            self.client,
+            repository=self.repository,
+            pull_request=self.pull_request,
+            head_sha=self.head_sha,
+            window=self.window,
+            may_call=may_call,
+            monotonic=self._monotonic,
+        )
+
+    def _publish_running(self) -> None:
+        publication = self._publication(self.lease, may_call=self.interrupts.raise_if_lost)
+        self._last_edit = self._monotonic()
+        try:
+            publication.running()
+        except LeaseLost:
+            # Rotated: by the runner's own end (which it reports next), or by a stop, cancel or
+            # reclaim the runner learns of from its heartbeat. No running call is made any more.
+            self.stale = True
+        except EffectWindowBusy as exc:
+            self._retry_after(exc.remaining, reason=None)
+        except (EffectRetryable, EffectRefused, StorageError) as exc:
+            hint = exc.retry_after if isinstance(exc, EffectRetryable) else None
+            self._retry_after(self.backoff.delay(self.failures, hint=hint), reason=str(exc))
+            self.failures += 1
+        else:
+            self.failures = 0
+            self.published += 1
+        finally:
+            self.calls += publication.calls
+
+    def _retry_after(self, delay: float, *, reason: str | None) -> None:
+        with self._cond:
+            # Still owed: the next attempt comes after the backoff, not a comment_interval later.
+            self._dirty = self._urgent = True
+            self._not_before = self._monotonic() + delay
+        if reason is not None:
+            log.warning(
+                "apply %s: GitHub not updated (%s); the apply goes on, next attempt in %gs",
                 self.lease.apply_id,
-                exc,
-                self.comment_interval,
+                reason,
+                delay,
             )
-            self._quiet_until = self._monotonic() + self.comment_interval
-            return False
-        return True
 
-    def _comment_in(
-        self,
-        fx: Fenced,
-        state: ApplyState,
-        *,
-        error: str | None = None,
-        unless_shown: bool = False,
-    ) -> None:
-        apply, tasks = fenced.read_state(fx)
-        body = render.render_comment(apply, tasks, epoch=fx.epoch, state=state, error=error)
-        digest = render.digest(body)
-        record = fenced.comment_record(fx, render.COMMENT_KIND)
-        if record is not None and record["body_sha256"] == digest:
-            return  # GitHub already shows exactly this
-        comment_id = None if record is None else record["github_comment_id"]
-        if comment_id is None:
-            comment_id = self.client.find_comment(
-                self.repository, self.pull_request, render.marker_prefix(fx.apply_id)
-            )
-            self.calls += 1
-        if comment_id is None:
-            comment_id = self.client.create_comment(self.repository, self.pull_request, body)
-            self.calls += 1
-        elif not (unless_shown and self._shows(int(comment_id), body)):
-            self.client.edit_comment(self.repository, int(comment_id), body)
-            self.calls += 1
-        fenced.record_comment(
-            fx, kind=render.COMMENT_KIND, github_comment_id=int(comment_id), body_sha256=digest
+    def _publish_final(self) -> None:
+        """Claim and make the owed publication, a few times; then leave it to the reclaim pass."""
+        for attempt in range(self.final_attempts):
+            try:
+                owed = claim_publication(self.db, self.lease.apply_id)
+            except StorageError as exc:
+                log.warning("apply %s: cannot claim its publication: %s", self.lease.apply_id, exc)
+                self._sleep(self.backoff.delay(attempt))
+                continue
+            if owed is None:
+                return  # nothing owed (no pull request), or another publisher has it
+            publication = self._publication(owed.lease, may_call=_free)
+            settled = settle(self.db, publication, attempts=owed.attempts, backoff=self.backoff)
+            self.calls += publication.calls
+            self.published += settled.published
+            if settled.retry_in is None:
+                return
+            if attempt + 1 < self.final_attempts:
+                self._sleep(settled.retry_in)  # the release made it due again just this late
+        log.warning(
+            "apply %s: its %s state is not on GitHub yet; the reclaim pass will publish it",
+            self.lease.apply_id,
+            self._ended,
         )
 
-    def _check_in(self, fx: Fenced, state: ApplyState) -> None:
-        record = fenced.check_record(fx)
-        if record is not None and record["status"] == "completed":
-            return  # concluded once, never again
-        _, tasks = fenced.read_state(fx)
-        summary = render.render_summary(tasks, state=state)
-        run_id = None if record is None else record["github_check_run_id"]
-        if run_id is None:
-            run_id = self.client.find_check_run(
-                self.repository, self.head_sha, render.CHECK_NAME, render.external_id(fx.apply_id)
-            )
-            self.calls += 1
-            if run_id is None:
-                run_id = self.client.create_check_run(
-                    self.repository,
-                    self.head_sha,
-                    name=render.CHECK_NAME,
-                    external_id=render.external_id(fx.apply_id),
-                    summary=summary,
-                )
-                self.calls += 1
-        conclusion = render.CONCLUSIONS.get(state)
-        if conclusion is not None and self._run_state(int(run_id)) != ("completed", conclusion):
-            self.client.update_check_run(
-                self.repository,
-                int(run_id),
-                name=render.CHECK_NAME,
-                summary=summary,
-                conclusion=conclusion,
-            )
-            self.calls += 1
-        fenced.record_check(
-            fx,
-            check_run_id=int(run_id),
-            status="completed" if conclusion else "in_progress",
-            conclusion=conclusion,
-        )
+    @staticmethod
+    def _sleep(seconds: float) -> None:
+        # Real time, not the injected clock: a test's frozen clock must not make this spin.
+        time.sleep(max(0.0, seconds))
 
-    def _shows(self, comment_id: int, body: str) -> bool:
-        self.calls += 1
-        return self.client.comment_body(self.repository, comment_id) == body
 
-    def _run_state(self, run_id: int) -> tuple[str, str | None]:
-        self.calls += 1
-        return self.client.check_run_state(self.repository, run_id)
+def _free() -> None:
+    """A final publication is made under the lease the stop or end minted: the run's own
+    interrupts (its lease lost, by that very rotation) do not stop it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """How one attempt at an owed publication went."""
+
+    published: bool  # GitHub shows the owed state now
+    retry_in: float | None = None  # not settled: the next attempt may start this much later
+
+
+def settle(
+    db: Database, publication: Publication, *, attempts: int, backoff: Backoff = BACKOFF
+) -> Settled:
+    """One attempt (the ``attempts``-th) at a claimed publication. Unless it is settled, or
+    nothing more is to be done, the claim is released with the delay before the next attempt,
+    for whoever tries next."""
+    apply_id = publication.lease.apply_id
+    try:
+        publication.final()
+        return Settled(published=True)
+    except LeaseLost:
+        # Resumed or retried since: its new holder publishes. Free the claim for a later end.
+        _release(db, apply_id, 0.0, "the apply moved on before its publication")
+        return Settled(published=False)
+    except EffectRefused as exc:
+        log.error("apply %s: GitHub refused its publication: %s", apply_id, exc)
+        publications.abandon(db, apply_id, error=str(exc)[:1000])
+        return Settled(published=False)
+    except EffectWindowBusy as exc:
+        _release(db, apply_id, exc.remaining, None)
+        return Settled(published=False, retry_in=exc.remaining)
+    except (EffectRetryable, StorageError) as exc:
+        hint = exc.retry_after if isinstance(exc, EffectRetryable) else None
+        delay = backoff.delay(max(0, attempts - 1), hint=hint)
+        _release(db, apply_id, delay, str(exc)[:1000])
+        log.warning("apply %s: publication failed, next attempt in %gs: %s", apply_id, delay, exc)
+        return Settled(published=False, retry_in=delay)
+
+
+def _release(db: Database, apply_id: int, delay: float, error: str | None) -> None:
+    try:
+        publications.release(db, apply_id, delay=delay, error=error)
+    except StorageError as exc:
+        # The claim expires on its own (storage.publications.CLAIM_EXPIRY).
+        log.warning("apply %s: cannot release its publication claim: %s", apply_id, exc)

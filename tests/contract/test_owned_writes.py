@@ -43,10 +43,6 @@ WRITES: dict[str, Write] = {
         fx, t.task_id, state="running", progress=55, checkpoint={"row": 10}
     ),
     "append_log": lambda fx, t: fenced.append_log(fx, "progress", "55% done"),
-    "record_comment": lambda fx, t: fenced.record_comment(
-        fx, kind="summary", github_comment_id=1001, body_sha256="ab" * 32
-    ),
-    "record_check": lambda fx, t: fenced.record_check(fx, check_run_id=2002, status="in_progress"),
     "finish_control_request": lambda fx, t: fenced.finish_control_request(
         fx, t.request_id, state=ControlState.COMPLETED
     ),
@@ -279,35 +275,6 @@ def expected_effect(write: str, lease: Lease, target: Target, tasks: list[int]) 
                 ]
             }
         ),
-        "record_comment": Effect(
-            added={
-                "apply_comments": [
-                    {
-                        "apply_id": lease.apply_id,
-                        "kind": "summary",
-                        "github_comment_id": 1001,
-                        "edit_count": 0,
-                        "last_epoch": epoch,
-                        "body_sha256": "ab" * 32,
-                        "updated_at": SET,
-                    }
-                ]
-            }
-        ),
-        "record_check": Effect(
-            added={
-                "checks": [
-                    {
-                        "apply_id": lease.apply_id,
-                        "github_check_run_id": 2002,
-                        "status": "in_progress",
-                        "conclusion": None,
-                        "last_epoch": epoch,
-                        "updated_at": SET,
-                    }
-                ]
-            }
-        ),
         "finish_control_request": Effect(
             updated={
                 "control_requests": {
@@ -385,9 +352,6 @@ def test_write_lands_with_the_current_lease(db: Database, write: str) -> None:
     target = _target(db, lease.apply_id)
     bystander = support.running_lease(db, owner="worker-2")
     _target(db, bystander.apply_id)
-    with fence(db, bystander) as fx:
-        fenced.record_comment(fx, kind="summary", github_comment_id=9, body_sha256="cd" * 32)
-        fenced.record_check(fx, check_run_id=9, status="queued")
     before = rows_by_key(db)
     with fence(db, lease) as fx:
         WRITES[write](fx, target)
@@ -400,7 +364,7 @@ def test_writes_are_stamped_with_the_lease_epoch(db: Database) -> None:
     lease = hand_back(db, first, reason="tests")
     redeem(db, lease, "worker-2")
     target = _target(db, lease.apply_id)
-    for name in ("update_task", "append_log", "record_comment", "record_check"):
+    for name in ("update_task", "append_log"):
         with fence(db, lease) as fx:
             WRITES[name](fx, target)
     with fence(db, lease) as fx:
@@ -410,38 +374,13 @@ def test_writes_are_stamped_with_the_lease_epoch(db: Database) -> None:
     assert (task["state"], task["progress"], task["checkpoint"]) == ("running", 55, {"row": 10})
     assert task["lease_epoch"] == lease.epoch
     assert support.log_events(db, apply_id)[-1] == (lease.epoch, "progress")
-    snap = support.snapshot(db)
-    assert [len(snap[t]) for t in ("apply_comments", "checks", "control_requests")] == [1, 1, 1]
     with db.transaction() as conn:
-        comment_row = conn.execute(
-            text("SELECT edit_count, last_epoch, github_comment_id FROM apply_comments")
-        ).one()
-        check_row = conn.execute(text("SELECT last_epoch, status FROM checks")).one()
         request_row = conn.execute(
             text("SELECT state, completed_at, pending_action FROM control_requests")
         ).one()
-    assert tuple(comment_row) == (0, lease.epoch, 1001)
-    assert tuple(check_row) == (lease.epoch, "in_progress")
     assert request_row[0] == "completed"
     assert request_row[1] is not None
     assert request_row[2] is None  # no longer counted as the pending request of its action
-
-
-def test_comment_and_check_update_in_place(db: Database) -> None:
-    lease = support.running_lease(db)
-    for n in range(3):
-        with fence(db, lease) as fx:
-            fenced.record_comment(
-                fx, kind="summary", github_comment_id=1001, body_sha256=f"{n:064d}"
-            )
-            fenced.record_check(
-                fx, check_run_id=2002, status="completed", conclusion="success" if n else None
-            )
-    with db.transaction() as conn:
-        comments = conn.execute(text("SELECT edit_count, body_sha256 FROM apply_comments")).all()
-        checks = conn.execute(text("SELECT status, conclusion FROM checks")).all()
-    assert [tuple(r) for r in comments] == [(2, f"{2:064d}")]
-    assert [tuple(r) for r in checks] == [("completed", "success")]
 
 
 def test_set_apply_state_ends_the_lease_rights(db: Database) -> None:
@@ -484,7 +423,6 @@ def test_task_of_another_apply_is_row_not_found_and_rolls_back(db: Database) -> 
             lease,
             lambda fx: fenced.append_log(fx, "progress", "before the bad write"),
             lambda fx: fenced.update_task(fx, own_task, progress=10),
-            lambda fx: fenced.record_check(fx, check_run_id=1, status="queued"),
             lambda fx: fenced.update_task(fx, foreign_task, progress=99),
         )
     assert support.snapshot(db) == before
@@ -541,15 +479,6 @@ def test_same_state_twice_is_not_a_lost_lease(db: Database) -> None:
     with fence(db, lease) as fx:
         fenced.append_log(fx, "still", "held")
     assert support.lease_of(db, lease.apply_id)[:3] == ("running", lease.epoch, lease.token)
-
-
-def test_check_with_unchanged_values_is_one_row(db: Database) -> None:
-    lease = support.running_lease(db)
-    for _ in range(3):
-        with fence(db, lease) as fx:
-            fenced.record_check(fx, check_run_id=5, status="queued")
-            fenced.record_check(fx, check_run_id=5, status="queued")
-    assert len(support.snapshot(db)["checks"]) == 1
 
 
 def test_noop_update_reports_one_matched_row(db: Database) -> None:

@@ -1,29 +1,27 @@
 """An engine that breaks in an unexpected way (a target this worker does not know, a bug) fails
 the apply with the real reason, instead of leaving it running to be reclaimed until abandoned.
 
-A stop or terminal publication that fails (``EffectRetryable``, ``EffectRefused``: the effects'
-own terms, whatever is behind them) rolls back with its transition and is retried as the effects
-retry; if it is refused or keeps failing, the state change is made without it."""
+A stop or an end is committed first and only then told to the effects (``Effects.ended``), which
+publish it on their own time: the state change never waits for GitHub, and it is owed to the
+pull request from the very transaction that made it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import pytest
 
-from storage import applies, fenced
+from storage import applies, publications
 from storage.database import Database
-from storage.fenced import Fenced
 from storage.states import ApplyState
-from tasks.effects import EffectError, EffectRefused, EffectRetryable, NoEffects
+from tasks.effects import NoEffects
 from tasks.engines import Engine, EngineContext, TaskSpec
 from tasks.engines.mysql import MySQLEngine
 from tasks.engines.sleep import SleepEngine
 from tasks.interrupts import Interrupts, Reason
-from tasks.runner import ApplyRunner, Outcome
+from tasks.runner import ApplyRunner
 from tests.celery_fixtures import RecordingReporter, run_lease, sleep_apply, task_rows
-from tests.support import log_events
 
 T = TypeVar("T")
 
@@ -65,76 +63,48 @@ def test_unexpected_engine_errors_fail_the_apply_with_the_reason(
     assert [t["state"] for t in task_rows(db, apply_id)] == ["failed", "cancelled"]
 
 
-class FailingPublication(NoEffects):
-    """Effects whose publication fails with ``failures`` in turn, each attempt leaving a log line
-    in the caller's transaction first, retried up to ``attempts`` times without pausing."""
+class WatchingEffects(NoEffects):
+    """Effects that look at the store when they are told of an end."""
 
-    def __init__(self, *failures: EffectError, attempts: int = 3) -> None:
-        self.failures = list(failures)
-        self.attempts = attempts
-        self.published: list[ApplyState] = []
+    def __init__(self, db: Database, apply_id: int) -> None:
+        self.db = db
+        self.apply_id = apply_id
+        self.calls: list[str] = []
+        self.seen: list[tuple[str, Any]] = []
 
-    def publish_in(self, fx: Fenced, state: ApplyState, *, error: str | None = None) -> None:
-        self.published.append(state)
-        fenced.append_log(fx, "published", f"attempt {len(self.published)}")
-        if self.failures:
-            raise self.failures.pop(0)
+    def start(self) -> None:
+        self.calls.append("start")
 
-    def retrying(self, attempt: Callable[[], T]) -> T:
-        for _ in range(self.attempts - 1):
-            try:
-                return attempt()
-            except EffectRetryable:
-                continue
-        return attempt()
+    def progress(self, *, boundary: bool) -> None:
+        self.calls.append("boundary" if boundary else "progress")
 
+    def ended(self, state: ApplyState) -> None:
+        self.calls.append(f"ended:{state}")
+        owed = publications.get(self.db, self.apply_id)
+        self.seen.append((applies.get(self.db, self.apply_id)["state"], owed and owed["due_at"]))
 
-def _run(db: Database, effects: FailingPublication, *, stop: bool = False) -> tuple[int, Outcome]:
-    apply_id = sleep_apply(db, (0.01, 0.01))
-    lease = run_lease(db, apply_id)
-    interrupts = Interrupts()
-    if stop:
-        interrupts.interrupt(Reason.STOP)
-    runner = ApplyRunner(db, lease, SleepEngine(), interrupts, RecordingReporter(), effects=effects)
-    return apply_id, runner.run()
+    def close(self) -> None:
+        self.calls.append("close")
 
 
 @pytest.mark.parametrize(
     ("stop", "state"), [(False, ApplyState.COMPLETED), (True, ApplyState.STOPPED)]
 )
-def test_a_failed_publication_rolls_back_with_its_transition_and_is_retried(
+def test_an_end_is_committed_and_owed_before_the_effects_hear_of_it(
     db: Database, stop: bool, state: ApplyState
 ) -> None:
-    effects = FailingPublication(
-        EffectRetryable("502"), EffectRetryable("rate limited", retry_after=1)
-    )
-    apply_id, outcome = _run(db, effects, stop=stop)
+    apply_id = sleep_apply(db, (0.01, 0.01), pull_request=True)
+    lease = run_lease(db, apply_id)
+    interrupts = Interrupts()
+    if stop:
+        interrupts.interrupt(Reason.STOP)
+    effects = WatchingEffects(db, apply_id)
+    runner = ApplyRunner(db, lease, SleepEngine(), interrupts, RecordingReporter(), effects=effects)
+    assert runner.run().state == state
 
-    assert outcome.state == state
-    assert effects.published == [state] * 3
-    events = log_events(db, apply_id)
-    assert [e for _, e in events if e == "published"] == ["published"]  # the third, committed
-    assert events[-1][1] == state  # made once, with its publication
-    assert applies.get(db, apply_id)["state"] == state
-
-
-@pytest.mark.parametrize(
-    "failures",
-    [
-        (EffectRefused("422"),),
-        (EffectRetryable("503"), EffectRetryable("503"), EffectRetryable("503")),
-    ],
-    ids=["refused", "keeps-failing"],
-)
-def test_a_publication_that_cannot_be_made_does_not_hold_the_state_change_back(
-    db: Database, failures: tuple[EffectError, ...]
-) -> None:
-    effects = FailingPublication(*failures)
-    apply_id, outcome = _run(db, effects)
-
-    assert outcome.state == ApplyState.COMPLETED
-    assert effects.published == [ApplyState.COMPLETED] * len(failures)  # a refusal: tried once
-    events = [e for _, e in log_events(db, apply_id)]
-    assert "published" not in events  # every attempt rolled back
-    assert events[-1] == "completed"
-    assert applies.get(db, apply_id)["state"] == ApplyState.COMPLETED
+    assert effects.calls[0] == "start"
+    assert effects.calls[-1] == f"ended:{state}"  # once, last; closing is the caller's
+    assert effects.calls.count(f"ended:{state}") == 1
+    ((seen_state, due_at),) = effects.seen
+    assert seen_state == state  # committed before the effects heard of it
+    assert due_at is not None  # and owed to the pull request in the same transaction

@@ -34,7 +34,7 @@ import redis
 from kombu.connection import Connection
 from sqlalchemy import select
 
-from storage import open_database
+from storage import applies, open_database, publications
 from storage.database import Database
 from storage.migrate import upgrade
 from storage.tables import apply_comments, checks
@@ -56,6 +56,7 @@ from tests.e2e.helpers import (
     process_env,
     reclaimed_from,
     row,
+    seconds_between,
     sleep_payload,
     submit_task,
     wait_for,
@@ -315,6 +316,8 @@ def test_sigstop_past_stale_after_then_sigcont_publishes_nothing_stale(
         freeze(stack, victim, apply_id)  # SIGSTOP, outside any fence or result write
         wait_state(db, apply_id, "completed", timeout=FINISH_TIMEOUT)
         assert reclaimed_from(db, apply_id) == [old_epoch]
+        # the end is published after the terminal commit, by the new holder's publisher thread
+        wait_for("the end published", lambda: _published(db, apply_id), timeout=RESULT_TIMEOUT)
         published = github.requests()
 
         kill_group(victim, signal.SIGCONT)
@@ -322,16 +325,18 @@ def test_sigstop_past_stale_after_then_sigcont_publishes_nothing_stale(
         assert github.requests() == published, "the woken worker reached GitHub"
         bodies = assert_pull_request_consistent(github, db, apply_id, sha)
         epochs = {m[1] for b in bodies if (m := render.parse_marker(b))}
-        assert epochs == {old_epoch, old_epoch + 1}
+        # the old holder's, the new holder's, and the end's (published under the lease it minted)
+        assert epochs == {old_epoch, old_epoch + 1, old_epoch + 2}
         assert_completed_once(db, apply_id)
 
 
 def test_sigkill_while_an_edit_is_held_then_the_edit_lands(
     cluster: Cluster, github: GitHubStandIn
 ) -> None:
-    """The victim's comment edit is held inside the stand-in (its fence open) when the victim is
-    killed; the stand-in then applies it, as GitHub may apply a request whose sender died. The
-    next holder's edits, after reclaim and the lock-delay, come later and at a higher epoch."""
+    """The victim's comment edit is held inside the stand-in (its effect window open) when the
+    victim is killed; the stand-in then applies it, as GitHub may apply a request whose sender
+    died. The next holder's edits, after reclaim, the lock-delay and the victim's window, come
+    later and at a higher epoch."""
     db = cluster.stack.db
     procs = cluster.workers(2)
     cluster.beats(1)
@@ -341,7 +346,7 @@ def test_sigkill_while_an_edit_is_held_then_the_edit_lands(
         apply_id = submit(cluster, sha, 0.3, 3.0, 0.3)
         ids.append(apply_id)
         wait_progress(db, apply_id, 1, 20, timeout=RESULT_TIMEOUT)
-        before = row(db, apply_id)  # read now: once the edit is held, the row is locked
+        before = row(db, apply_id)
         old_epoch = int(before["lease_epoch"])
         victim = owner_worker(before["lease_owner"], procs)
 
@@ -357,13 +362,84 @@ def test_sigkill_while_an_edit_is_held_then_the_edit_lands(
 
         wait_state(db, apply_id, "completed", timeout=FINISH_TIMEOUT)
         assert reclaimed_from(db, apply_id) == [old_epoch]
+        # the end is published after the terminal commit, by the new holder's publisher thread
+        wait_for("the end published", lambda: _published(db, apply_id), timeout=RESULT_TIMEOUT)
         bodies = assert_pull_request_consistent(github, db, apply_id, sha)
         epochs = [m[1] for b in bodies if (m := render.parse_marker(b))]
         assert held.body["body"] in bodies
         landed = bodies.index(held.body["body"])
         assert set(epochs[: landed + 1]) == {old_epoch}
-        assert set(epochs[landed + 1 :]) == {old_epoch + 1}
+        # the new holder's running edits, if the lock-delay and the window left time for any,
+        # then the end's, published under the lease it minted
+        assert set(epochs[landed + 1 :]) <= {old_epoch + 1, old_epoch + 2}
+        assert epochs[-1] == old_epoch + 2
         assert_completed_once(db, apply_id)
+
+
+# --- a GitHub outage ------------------------------------------------------------------------------
+
+
+def _task_span(db: Database, apply_id: int) -> float:
+    """Seconds from the first apply task's start to the last one's end, by the store's clock."""
+    tasks = applies.tasks(db, apply_id)
+    return seconds_between(tasks[0]["started_at"], tasks[-1]["finished_at"])
+
+
+def test_a_github_that_never_answers_does_not_slow_the_apply_and_its_end_is_published_later(
+    cluster: Cluster, github: GitHubStandIn, timing: list[str]
+) -> None:
+    """The same apply with GitHub up, then with every request held inside the stand-in (GitHub
+    accepting connections and never answering): the runner never waits for GitHub, so both
+    take about as long. What the held apply's pull request is owed stays owed; once GitHub
+    answers again, the worker's publisher or the reclaim pass publishes it: the final body
+    once, the check run concluded once."""
+    db = cluster.stack.db
+    cluster.workers(1)
+    cluster.beats(1)
+    ids: list[int] = []
+    seconds = (0.5, 0.5, 0.5, 0.5)
+    with logs_on_failure(cluster, github, ids):
+        up_sha = _sha()
+        up = submit(cluster, up_sha, *seconds)
+        ids.append(up)
+        wait_state(db, up, "completed", timeout=FINISH_TIMEOUT)
+        wait_for(
+            "the completed apply on its pull request",
+            lambda: _published(db, up),
+            timeout=RESULT_TIMEOUT,
+        )
+        assert_pull_request_consistent(github, db, up, up_sha)
+
+        seen = len(github.requests())
+        github.hold("*", ".*")  # from now on nothing is answered
+        down_sha = _sha()
+        down = submit(cluster, down_sha, *seconds)
+        ids.append(down)
+        wait_state(db, down, "completed", timeout=FINISH_TIMEOUT)
+        assert len(github.requests()) > seen  # the publisher did try
+        assert not _published(db, down)
+        owed = publications.get(db, down)
+        assert owed is not None
+        assert owed["published_at"] is None
+        up_s, down_s = _task_span(db, up), _task_span(db, down)
+        timing.append(
+            f"{cluster.stack.name}: apply of {len(seconds)} x {seconds[0]:g}s tasks: GitHub up "
+            f"{up_s:.2f}s, GitHub never answering {down_s:.2f}s (ratio {down_s / up_s:.2f})"
+        )
+
+        github.clear_faults()  # GitHub answers again
+        wait_for(
+            "the owed end published after the outage",
+            lambda: _published(db, down),
+            timeout=FINISH_TIMEOUT + 60.0,  # the backoff may have grown to 15-30 s meanwhile
+        )
+        assert_pull_request_consistent(github, db, down, down_sha)
+        assert_completed_once(db, down)
+
+
+def _published(db: Database, apply_id: int) -> bool:
+    owed = publications.get(db, apply_id)
+    return owed is not None and owed["published_at"] is not None
 
 
 # --- the embedded broker under concurrent producers ----------------------------------------------
@@ -375,7 +451,10 @@ folder, count = sys.argv[1], int(sys.argv[2])
 options = {"data_folder_in": folder, "data_folder_out": folder}
 with Connection("filesystem://", transport_options=options) as conn:  # kombu's own producer
     for n in range(count):
-        conn.default_channel._put("q", {"n": n, "pad": "x" * 20000})
+        # a minimal kombu envelope: the transport dead-letters anything less (tasks/envelope.py)
+        info = {"exchange": "", "routing_key": "q"}
+        properties = {"delivery_tag": f"t{n}", "delivery_info": info}
+        conn.default_channel._put("q", {"n": n, "pad": "x" * 20000, "properties": properties})
 """
 
 

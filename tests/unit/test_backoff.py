@@ -42,11 +42,12 @@ def test_delays_must_exist_and_be_non_negative(delays: tuple[float, ...]) -> Non
 
 
 def test_the_runner_and_the_publisher_keep_their_own_delays() -> None:
-    """Owned writes wait on a database blip (short); GitHub effects on a remote service, for at
-    most 30 s of Retry-After."""
+    """Owned writes wait on a database blip (short); GitHub effects, on their own thread, on a
+    remote service that may be down for an hour: up to a minute between attempts, Retry-After
+    honoured up to a minute."""
     storage_writes, effects = runner.RETRY_BACKOFF, publisher.BACKOFF
     assert (storage_writes.delays, storage_writes.max_hint) == (
         (0.05, 0.1, 0.2, 0.5, 1.0),
         math.inf,
     )
-    assert (effects.delays, effects.max_hint) == ((0.5, 1.0, 2.0, 4.0, 8.0), 30.0)
+    assert (effects.delays, effects.max_hint) == ((1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0), 60.0)

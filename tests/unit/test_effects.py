@@ -1,56 +1,50 @@
-"""Effects in leasehold's terms, without a store: the publisher's boundary turns GitHub's failures
-into ``EffectRetryable`` (with the wait GitHub asked for) or ``EffectRefused``, and its one retry
-loop (also the runner's, for the stop and terminal publications) waits by the effects' backoff,
-honours that wait up to a cap, stops at a refusal, gives up after its attempts, and stops at once
-when the lease is lost. ``NoEffects`` makes one attempt."""
+"""Effects in leasehold's terms, without a store: the publication's boundary turns GitHub's
+failures into ``EffectRetryable`` (with the wait GitHub asked for) or ``EffectRefused``; the
+publisher's schedule (``Publisher._decide``, a pure function of its state and the clock) shows
+boundaries at once, progress at most once a ``comment_interval``, honours backoffs and the
+lock-delay, never publishes once stale or stopped, and publishes a stop or an end but not a
+hand-back. ``NoEffects`` does nothing at all."""
 
 from __future__ import annotations
 
+import math
 import secrets
-from collections.abc import Callable, Iterator
-from typing import Any, cast
+from collections.abc import Iterator
+from typing import cast
 
 import pytest
 
 from leases import Lease, mint_token
 from storage.database import Database
-from storage.errors import LeaseholdError, LeaseLost, StorageUnavailable
+from storage.errors import LeaseholdError, LeaseLost
+from storage.states import ApplyState
 from tasks.effects import EffectError, EffectRefused, EffectRetryable, NoEffects
-from tasks.github import publisher as publisher_module
 from tasks.github.client import GitHubClient, GitHubConfig, GitHubRejected, GitHubRetryable
-from tasks.github.publisher import Publisher
+from tasks.github.publication import in_leasehold_terms
+from tasks.github.publisher import Publisher, _Job
 from tasks.interrupts import Interrupts
 from tasks.testing.standin import GitHubStandIn
 
 LEASE = Lease(1, 1, mint_token())
+INTERVAL = 10.0
 
 
 class Clock:
-    """The publisher's ``monotonic`` and (patched in) ``time.sleep``: sleeping moves it."""
-
     def __init__(self) -> None:
-        self.now = 0.0
-        self.on_sleep: Callable[[], None] = lambda: None
+        self.now = 100.0
 
-    def monotonic(self) -> float:
+    def __call__(self) -> float:
         return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
-        self.on_sleep()
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    clock = Clock()
-    monkeypatch.setattr(publisher_module, "time", clock)
-    return clock
 
 
 def publisher(
-    clock: Clock, interrupts: Interrupts | None = None, *, grace: float = 0.0, **kwargs: Any
+    clock: Clock,
+    interrupts: Interrupts | None = None,
+    *,
+    grace: float = 0.0,
+    reclaimed: bool = False,
 ) -> Publisher:
-    """A publisher whose retries need neither a store nor GitHub (``retrying`` touches neither)."""
+    """A publisher whose thread is never started: only its schedule is exercised."""
     return Publisher(
         cast(Database, None),
         LEASE,
@@ -59,94 +53,116 @@ def publisher(
         repository="acme/shop",
         pull_request=1,
         head_sha="0" * 40,
-        comment_interval=60.0,
-        grace=grace,
-        monotonic=clock.monotonic,
-        **kwargs,
+        comment_interval=INTERVAL,
+        effect_timeout=5.0,
+        effect_grace=grace,
+        reclaimed=reclaimed,
+        monotonic=clock,
     )
 
 
-class Attempts:
-    """An attempt that fails with ``failures`` in turn, then returns "done"; records when."""
-
-    def __init__(self, clock: Clock, *failures: Exception) -> None:
-        self.clock = clock
-        self.failures = list(failures)
-        self.at: list[float] = []
-
-    def __call__(self) -> str:
-        self.at.append(self.clock.now)
-        if self.failures:
-            raise self.failures.pop(0)
-        return "done"
+def decide(pub: Publisher, now: float) -> _Job | None:
+    with pub._cond:
+        return pub._decide(now)
 
 
-# --- the retry loop ------------------------------------------------------------------------------
+def test_nothing_to_do_until_something_changed() -> None:
+    clock = Clock()
+    pub = publisher(clock)
+    assert decide(pub, clock.now) is None
+    assert decide(pub, math.inf) is None
 
 
-def test_retryable_failures_are_retried_after_the_effects_backoff(clock: Clock) -> None:
-    attempt = Attempts(clock, EffectRetryable("502"), EffectRetryable("timed out"))
-    assert publisher(clock).retrying(attempt) == "done"
-    assert attempt.at == [0.0, 0.5, 1.5]
+def test_a_boundary_is_due_at_once_progress_once_an_interval() -> None:
+    clock = Clock()
+    pub = publisher(clock)
+    pub._last_edit = clock.now
+    pub.progress(boundary=False)
+    assert decide(pub, clock.now) is None
+    assert decide(pub, clock.now + INTERVAL - 0.01) is None
+    assert decide(pub, clock.now + INTERVAL) is _Job.RUNNING
+    pub.progress(boundary=True)
+    assert decide(pub, clock.now) is _Job.RUNNING
 
 
-def test_storage_trouble_of_an_effects_fence_is_retried_too(clock: Clock) -> None:
-    attempt = Attempts(clock, StorageUnavailable("gone"))
-    assert publisher(clock).retrying(attempt) == "done"
-    assert attempt.at == [0.0, 0.5]
+def test_a_failed_attempt_is_retried_after_its_backoff_not_an_interval() -> None:
+    clock = Clock()
+    pub = publisher(clock)
+    pub._retry_after(2.0, reason=None)
+    assert decide(pub, clock.now + 1.99) is None
+    assert decide(pub, clock.now + 2.0) is _Job.RUNNING  # urgent: no interval on top
+
+
+def test_the_lock_delay_holds_every_call_of_a_reclaimed_lease() -> None:
+    clock = Clock()
+    pub = publisher(clock, grace=3.0, reclaimed=True)
+    pub.progress(boundary=True)
+    assert decide(pub, clock.now + 2.9) is None
+    assert decide(pub, clock.now + 3.0) is _Job.RUNNING
+    pub.ended(ApplyState.COMPLETED)
+    assert decide(pub, clock.now + 2.9) is None
+    assert decide(pub, clock.now + 3.0) is _Job.FINAL
+    fresh = publisher(clock, grace=3.0)  # not from a reclaim: no delay
+    fresh.progress(boundary=True)
+    assert decide(fresh, clock.now) is _Job.RUNNING
+
+
+def test_github_s_retry_after_binds_the_final_publication() -> None:
+    clock = Clock()
+    pub = publisher(clock)
+    pub._retry_after(30.0, reason=None)
+    pub.ended(ApplyState.FAILED)
+    assert decide(pub, clock.now + 29.0) is None
+    assert decide(pub, clock.now + 30.0) is _Job.FINAL
 
 
 @pytest.mark.parametrize(
-    ("asked", "waited"),
-    [(3.0, 3.0), (0.1, 0.5), (3600.0, 30.0)],
-    ids=["longer", "shorter-than-the-backoff", "capped"],
+    ("state", "job"),
+    [
+        (ApplyState.COMPLETED, _Job.FINAL),
+        (ApplyState.FAILED, _Job.FINAL),
+        (ApplyState.CANCELLED, _Job.FINAL),
+        (ApplyState.STOPPED, _Job.FINAL),
+        (ApplyState.DISPATCHED, _Job.STOP),  # handed back: the next holder publishes
+    ],
 )
-def test_the_wait_the_other_side_asked_for_is_honoured_up_to_a_cap(
-    clock: Clock, asked: float, waited: float
-) -> None:
-    attempt = Attempts(clock, EffectRetryable("rate limited", retry_after=asked))
-    assert publisher(clock, max_retry_after=30.0).retrying(attempt) == "done"
-    assert attempt.at == [0.0, waited]
+def test_a_stop_or_an_end_is_published_a_hand_back_is_not(state: ApplyState, job: _Job) -> None:
+    clock = Clock()
+    pub = publisher(clock)
+    pub.progress(boundary=True)
+    pub.ended(state)
+    assert decide(pub, clock.now) is job
 
 
-def test_a_refusal_is_not_retried(clock: Clock) -> None:
-    attempt = Attempts(clock, EffectRefused("422"))
-    with pytest.raises(EffectRefused, match="422"):
-        publisher(clock).retrying(attempt)
-    assert attempt.at == [0.0]
+def test_a_stale_publisher_makes_no_running_call_but_still_publishes_an_end() -> None:
+    clock = Clock()
+    pub = publisher(clock)
+    pub.stale = True
+    pub.progress(boundary=True)
+    assert decide(pub, math.inf) is None
+    pub.ended(ApplyState.COMPLETED)  # the runner's own end rotated the lease under it
+    assert decide(pub, clock.now) is _Job.FINAL
 
 
-def test_it_gives_up_after_its_attempts_saying_why(clock: Clock) -> None:
-    last = EffectRetryable("503 again")
-    attempt = Attempts(clock, EffectRetryable("503"), EffectRetryable("503"), last)
-    with pytest.raises(EffectRetryable, match="given up after 3 attempts: 503 again") as caught:
-        publisher(clock, max_attempts=3).retrying(attempt)
-    assert caught.value.__cause__ is last
-    assert len(attempt.at) == 3
-
-
-def test_a_lease_lost_during_a_pause_stops_the_retries_at_once(clock: Clock) -> None:
+def test_a_lost_lease_or_a_close_stops_the_thread() -> None:
+    clock = Clock()
     interrupts = Interrupts()
-    lost = LeaseLost(LEASE.apply_id, LEASE.epoch, reason="rotated by a reclaim")
-    clock.on_sleep = lambda: interrupts.lease_lost(lost)
-    attempt = Attempts(clock, EffectRetryable("rate limited", retry_after=25.0))
-    with pytest.raises(LeaseLost) as caught:
-        publisher(clock, interrupts).retrying(attempt)
-    assert caught.value is lost
-    assert attempt.at == [0.0]
-    assert clock.now < 1.0  # far less than the 25 s asked for
+    pub = publisher(clock, interrupts)
+    pub.progress(boundary=True)
+    interrupts.lease_lost(LeaseLost(LEASE.apply_id, LEASE.epoch, current_epoch=LEASE.epoch + 1))
+    assert decide(pub, clock.now) is _Job.STOP
+    closed = publisher(clock)
+    closed.progress(boundary=True)
+    closed.close()
+    assert decide(closed, clock.now) is _Job.STOP
 
 
-def test_every_attempt_waits_for_the_lock_delay(clock: Clock) -> None:
-    attempt = Attempts(clock)
-    assert publisher(clock, grace=5.0).retrying(attempt) == "done"
-    assert attempt.at == [pytest.approx(5.0)]
-
-
-def test_no_effects_make_one_attempt_and_let_its_errors_through() -> None:
-    assert NoEffects().retrying(lambda: 42) == 42
-    with pytest.raises(EffectRefused):
-        NoEffects().retrying(Attempts(Clock(), EffectRefused("no")))
+def test_no_effects_do_nothing() -> None:
+    effects = NoEffects()
+    effects.start()
+    effects.progress(boundary=True)
+    effects.ended(ApplyState.COMPLETED)
+    effects.close()
 
 
 def test_effect_errors_are_leasehold_errors() -> None:
@@ -171,26 +187,27 @@ def github() -> Iterator[tuple[GitHubStandIn, GitHubClient]]:
             gh.close()
 
 
-def test_a_rate_limit_leaves_the_publisher_retryable_with_the_wait_asked_for(
+def test_a_rate_limit_is_retryable_with_the_wait_asked_for(
     github: tuple[GitHubStandIn, GitHubClient],
 ) -> None:
     standin, gh = github
     standin.rate_limit_next(1, kind="secondary", retry_after=7)
-    with pytest.raises(EffectRetryable) as caught, publisher_module._in_leasehold_terms():
+    with pytest.raises(EffectRetryable) as caught, in_leasehold_terms():
         gh.create_comment("acme/shop", 1, "x")
     assert caught.value.retry_after == 7
     assert isinstance(caught.value.__cause__, GitHubRetryable)
+    assert caught.value.__cause__.answered  # GitHub answered: the call's window may close
 
 
-def test_a_5xx_leaves_the_publisher_retryable(github: tuple[GitHubStandIn, GitHubClient]) -> None:
+def test_a_5xx_is_retryable(github: tuple[GitHubStandIn, GitHubClient]) -> None:
     standin, gh = github
     standin.fail_next(1, status=503)
-    with pytest.raises(EffectRetryable, match="503"), publisher_module._in_leasehold_terms():
+    with pytest.raises(EffectRetryable, match="503"), in_leasehold_terms():
         gh.create_comment("acme/shop", 1, "x")
 
 
-def test_a_4xx_leaves_the_publisher_refused(github: tuple[GitHubStandIn, GitHubClient]) -> None:
+def test_a_4xx_is_refused(github: tuple[GitHubStandIn, GitHubClient]) -> None:
     _, gh = github
-    with pytest.raises(EffectRefused) as caught, publisher_module._in_leasehold_terms():
+    with pytest.raises(EffectRefused) as caught, in_leasehold_terms():
         gh.edit_comment("acme/shop", 999_999, "no such comment")
     assert isinstance(caught.value.__cause__, GitHubRejected)
