@@ -23,8 +23,10 @@ from storage.errors import (
 
 ISOLATION_LEVELS = frozenset({"READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"})
 
-# MySQL/MariaDB error codes that mean "the server is gone or unreachable".
-_MYSQL_UNAVAILABLE = frozenset({1040, 1053, 2002, 2003, 2005, 2006, 2013, 2055, 4031})
+# MySQL/MariaDB error codes that mean "the server is gone or unreachable" (1927: the connection
+# was killed, as a shutting-down MariaDB does to its clients).
+_MYSQL_UNAVAILABLE = frozenset({1040, 1053, 1927, 2002, 2003, 2005, 2006, 2013, 2055, 4031})
+_MYSQL_TIMEOUTS = {"connect_timeout": 10, "read_timeout": 60, "write_timeout": 60}
 # Lock wait timeout and deadlock: the transaction was rolled back and may simply be retried.
 _MYSQL_BUSY = frozenset({1205, 1213})
 _SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -110,6 +112,15 @@ def open_database(
     level = (isolation_level or "READ COMMITTED").upper()
     if level not in ISOLATION_LEVELS:
         raise ConfigurationError(f"unsupported isolation level {isolation_level!r}")
+    connect_args = dict(engine_kwargs.pop("connect_args", {}))
+    if parsed.get_driver_name() == "mysqldb":
+        # A partitioned or frozen server must not hang a statement for ever (the driver has no
+        # read timeout by default): every store statement is short, and a lock wait ends at
+        # InnoDB's innodb_lock_wait_timeout (50 s) first. A timeout loses the connection (error
+        # 2013), which is StorageUnavailable and retried. The URL's own values win.
+        for key, seconds in _MYSQL_TIMEOUTS.items():
+            if key not in parsed.query:
+                connect_args.setdefault(key, seconds)
     try:
         engine = create_engine(
             url,
@@ -117,6 +128,7 @@ def open_database(
             pool_pre_ping=True,
             pool_recycle=3600,
             pool_size=pool_size,
+            connect_args=connect_args,
             **engine_kwargs,
         )
     except (sa_exc.ArgumentError, ImportError) as exc:

@@ -44,26 +44,51 @@ class Heartbeat(threading.Thread):
         self._stopped = threading.Event()
         self.beats = 0
         self.failures = 0
+        self._last_ok = monotonic()
 
     def stop(self) -> None:
         self._stopped.set()
 
     def run(self) -> None:
-        last_ok = self._monotonic()
+        self._last_ok = self._monotonic()
+        # Issue 10 (partition): a heartbeat statement can hang rather than fail. A partition
+        # drops packets silently, and the MySQL driver has no read timeout, so ``beat_once``
+        # may not return for many minutes (TCP retransmissions). The presumption of loss must
+        # not wait for it: a watchdog thread makes it once stale_after has passed without a
+        # successful heartbeat, whatever the heartbeat thread is blocked in.
+        watchdog = threading.Thread(
+            target=self._watch, name=f"heartbeat-watch-{self.lease.apply_id}", daemon=True
+        )
+        watchdog.start()
         while not self._stopped.wait(self.interval):
             if self.beat_once():
-                last_ok = self._monotonic()
-            elif self.interrupts.lost is not None:
+                self._last_ok = self._monotonic()
+            elif self.interrupts.lost is not None or self._presume_if_stale():
                 return
-            elif self._monotonic() - last_ok >= self.stale_after:
-                self.interrupts.lease_lost(
-                    LeaseLost(
-                        self.lease.apply_id,
-                        self.lease.epoch,
-                        reason=f"presumed lost: no heartbeat succeeded for {self.stale_after:g}s",
-                    )
-                )
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(self.interval):
+            if self.interrupts.lost is not None or self._presume_if_stale():
                 return
+
+    def _presume_if_stale(self) -> bool:
+        """Presume the lease lost if no heartbeat succeeded for ``stale_after``."""
+        if self._monotonic() - self._last_ok < self.stale_after:
+            return False
+        if self.interrupts.lost is None:
+            log.warning(
+                "apply %s: no heartbeat succeeded for %gs: lease presumed lost, stopping",
+                self.lease.apply_id,
+                self.stale_after,
+            )
+        self.interrupts.lease_lost(
+            LeaseLost(
+                self.lease.apply_id,
+                self.lease.epoch,
+                reason=f"presumed lost: no heartbeat succeeded for {self.stale_after:g}s",
+            )
+        )
+        return True
 
     def beat_once(self) -> bool:
         """One heartbeat and control poll. True if the database answered."""

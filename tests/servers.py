@@ -85,7 +85,7 @@ class PrivateMariaDB:
     def start(self) -> PrivateMariaDB:
         self.folder.mkdir(parents=True, exist_ok=True)
         if not self.datadir.exists():
-            subprocess.run(
+            installed = subprocess.run(
                 [
                     "mariadb-install-db",
                     "--no-defaults",
@@ -94,10 +94,15 @@ class PrivateMariaDB:
                     "--skip-test-db",
                     "--user=root",
                 ],
-                check=True,
                 capture_output=True,
                 timeout=START_TIMEOUT,
             )
+            if installed.returncode != 0:
+                output = (installed.stdout + installed.stderr).decode(errors="replace")
+                raise RuntimeError(
+                    f"mariadb-install-db failed ({installed.returncode}) for {self.datadir}:\n"
+                    f"{output[-2000:]}"
+                )
         argv = [
             shutil.which("mariadbd") or "/usr/sbin/mariadbd",
             "--no-defaults",

@@ -4,10 +4,11 @@ failures, and presumes the lease lost only after ``stale_after`` of (injected) t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from leases import Lease, heartbeat
 from storage import applies, control
@@ -229,3 +230,37 @@ def test_stop_ends_a_thread_that_waits_a_long_interval(
     beat.join(5)
     assert not beat.is_alive()
     assert beat.beats == 0
+
+
+def test_a_heartbeat_that_hangs_is_presumed_lost_after_stale_after_all_the_same(
+    db: Database, lease: Lease, clock: FakeClock, open_db: Callable[..., Database]
+) -> None:
+    """A partition can hang a statement instead of failing it (packets dropped silently). Here
+    another connection holds the apply row (MariaDB) or the database write lock (SQLite), so
+    the heartbeat's UPDATE waits inside the driver and neither succeeds nor fails. The
+    presumption of loss does not wait for it: stale_after after the last success, the lease is
+    presumed lost while the beat is still blocked."""
+    holder = open_db()
+    beat, interrupts = _heartbeat(db, lease, clock)
+    with holder.transaction() as conn:
+        if holder.is_sqlite:
+            conn.execute(text("UPDATE applies SET updated_at = updated_at WHERE id = :id"),
+                         {"id": lease.apply_id})  # fmt: skip
+        else:
+            conn.execute(
+                text("SELECT id FROM applies WHERE id = :id FOR UPDATE"), {"id": lease.apply_id}
+            )
+        beat.start()
+        try:
+            wait_until(lambda: beat.beats == 0 and beat.is_alive(), what="the heartbeat started")
+            clock.advance(STALE_AFTER - 0.5)
+            assert not interrupts.event.wait(0.2), "presumed lost before stale_after"
+            clock.advance(0.5)
+            assert interrupts.event.wait(10), "a hung heartbeat kept the lease for ever"
+            assert interrupts.lost is not None
+            assert "presumed lost" in str(interrupts.lost)
+            assert beat.beats == 0  # the beat itself is still waiting for the row
+        finally:
+            beat.stop()
+    beat.join(60)  # the blocked beat ends once the row is free
+    assert not beat.is_alive()

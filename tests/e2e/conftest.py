@@ -210,6 +210,12 @@ def cluster(module_cluster: Cluster, request: pytest.FixtureRequest) -> Iterator
             assert_requests_ended(db, apply_id)
 
 
+def attach_cluster(request: pytest.FixtureRequest, cluster: Cluster) -> None:
+    """Attach ``cluster``'s process logs to the report of the requesting test if it fails, as
+    the ``cluster`` fixture does (for tests that build their own deployment: e2e/faults.py)."""
+    request.node.stash[_CLUSTER] = cluster
+
+
 @pytest.fixture
 def timing(request: pytest.FixtureRequest) -> Iterator[list[str]]:
     """Lines for the 'leasehold e2e timings' summary at the end of the run."""
