@@ -73,38 +73,27 @@ def _now_mysql(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
     return "UTC_TIMESTAMP(6)"
 
 
+_SIGN = {"db_now_minus": "-", "db_now_plus": "+"}
+
+
 @compiles(db_now_minus, "sqlite")
-def _now_minus_sqlite(element: db_now_minus, compiler: SQLCompiler, **kw: Any) -> str:
+@compiles(db_now_plus, "sqlite")
+def _now_shifted_sqlite(element: FunctionElement[Any], compiler: SQLCompiler, **kw: Any) -> str:
     (seconds,) = element.clauses
     return (
         "strftime('%Y-%m-%d %H:%M:%f000', 'now', "
-        f"'-' || ({compiler.process(seconds, **kw)}) || ' seconds')"
+        f"'{_SIGN[element.name]}' || ({compiler.process(seconds, **kw)}) || ' seconds')"
     )
 
 
 @compiles(db_now_minus, "mysql")
 @compiles(db_now_minus, "mariadb")
-def _now_minus_mysql(element: db_now_minus, compiler: SQLCompiler, **kw: Any) -> str:
-    (seconds,) = element.clauses
-    micros = f"ROUND(({compiler.process(seconds, **kw)}) * 1000000)"
-    return f"UTC_TIMESTAMP(6) - INTERVAL {micros} MICROSECOND"
-
-
-@compiles(db_now_plus, "sqlite")
-def _now_plus_sqlite(element: db_now_plus, compiler: SQLCompiler, **kw: Any) -> str:
-    (seconds,) = element.clauses
-    return (
-        "strftime('%Y-%m-%d %H:%M:%f000', 'now', "
-        f"'+' || ({compiler.process(seconds, **kw)}) || ' seconds')"
-    )
-
-
 @compiles(db_now_plus, "mysql")
 @compiles(db_now_plus, "mariadb")
-def _now_plus_mysql(element: db_now_plus, compiler: SQLCompiler, **kw: Any) -> str:
+def _now_shifted_mysql(element: FunctionElement[Any], compiler: SQLCompiler, **kw: Any) -> str:
     (seconds,) = element.clauses
     micros = f"ROUND(({compiler.process(seconds, **kw)}) * 1000000)"
-    return f"UTC_TIMESTAMP(6) + INTERVAL {micros} MICROSECOND"
+    return f"UTC_TIMESTAMP(6) {_SIGN[element.name]} INTERVAL {micros} MICROSECOND"
 
 
 @compiles(seconds_since, "sqlite")
