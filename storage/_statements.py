@@ -849,13 +849,11 @@ def publication_due(apply_id: int) -> Upsert:
         & applies.c.pull_request.is_not(None)
         & applies.c.head_sha.is_not(None)
     )
-    source = select(
-        applies.c.id, clock.now(), literal(None), literal(0), literal(None)
-    ).where(applies.c.id == apply_id, has_pull_request)
+    source = select(applies.c.id, clock.now(), literal(None), literal(0), literal(None)).where(
+        applies.c.id == apply_id, has_pull_request
+    )
     return Upsert(
-        update=publications.update()
-        .where(publications.c.apply_id == apply_id)
-        .values(**owed),
+        update=publications.update().where(publications.c.apply_id == apply_id).values(**owed),
         insert=insert(publications).from_select(
             ["apply_id", "due_at", "claimed_at", "attempts", "last_error"], source
         ),
@@ -899,9 +897,13 @@ def claim_publication(apply_id: int, *, expiry: float) -> Update:
 
 def publication_lease(apply_id: int) -> Select[Any]:
     """The lease a claimed publication is made under: the apply's current one."""
-    return select(
-        applies.c.lease_epoch, applies.c.lease_token, applies.c.state, publications.c.attempts
-    ).join(publications, publications.c.apply_id == applies.c.id).where(applies.c.id == apply_id)
+    return (
+        select(
+            applies.c.lease_epoch, applies.c.lease_token, applies.c.state, publications.c.attempts
+        )
+        .join(publications, publications.c.apply_id == applies.c.id)
+        .where(applies.c.id == apply_id)
+    )
 
 
 def release_publication(apply_id: int, *, delay: float, error: str | None) -> Update:
@@ -936,9 +938,9 @@ def abandon_publication(apply_id: int, *, error: str) -> Update:
 
 
 def publication_row(apply_id: int) -> Select[Any]:
-    return select(
-        publications, clock.age_of(publications.c.due_at).label("overdue")
-    ).where(publications.c.apply_id == apply_id)
+    return select(publications, clock.age_of(publications.c.due_at).label("overdue")).where(
+        publications.c.apply_id == apply_id
+    )
 
 
 def owed_publication_count() -> Select[Any]:

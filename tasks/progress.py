@@ -45,9 +45,7 @@ class CeleryProgress:
         self._warned_at = -WARN_EVERY
         self.sent = 0
         self.failed = 0
-        self._thread = threading.Thread(
-            target=self._run, name=f"progress-{apply_id}", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name=f"progress-{apply_id}", daemon=True)
         self._thread.start()
 
     @classmethod

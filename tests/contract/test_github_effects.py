@@ -588,9 +588,10 @@ def test_a_later_epochs_first_change_waits_for_the_earlier_epochs_window(
     db: Database, github: GitHubStandIn, token: str
 ) -> None:
     """The effect window: epoch e's edit is held past the client's timeout (no answer, so e
-    leaves its window open: GitHub may still apply the edit). Epoch e+1, redeemed at once and not from a reclaim (no lock-delay), runs
-    its apply to the end meanwhile, but its first change to GitHub waits until e's window has
-    run out: the two epochs' calls never overlap, and e's edit lands first."""
+    leaves its window open: GitHub may still apply the edit). Epoch e+1, redeemed at once and
+    not from a reclaim (no lock-delay), runs its apply to the end meanwhile, but its first
+    change to GitHub waits until e's window has run out: the two epochs' calls never overlap,
+    and e's edit lands first."""
     apply_id = pr_apply(db, (0.8, 0.3))
     lease = run_lease(db, apply_id)
     timeout, grace = 1.0, 1.5  # a window of 2.5 s
