@@ -943,12 +943,25 @@ def publication_row(apply_id: int) -> Select[Any]:
     )
 
 
+def _owed_by_stopped_or_ended() -> ColumnElement[bool]:
+    """Owed, by an apply still stopped or ended (one running again is its holder's to publish)."""
+    return publications.c.due_at.is_not(None) & applies.c.state.in_(_PUBLISHED_STATES)
+
+
 def owed_publication_count() -> Select[Any]:
-    return select(func.count()).where(publications.c.due_at.is_not(None))
+    return (
+        select(func.count())
+        .select_from(publications.join(applies, applies.c.id == publications.c.apply_id))
+        .where(_owed_by_stopped_or_ended())
+    )
 
 
 def oldest_owed_publication() -> Select[Any]:
-    return select(func.min(publications.c.due_at)).where(publications.c.due_at.is_not(None))
+    return (
+        select(func.min(publications.c.due_at))
+        .select_from(publications.join(applies, applies.c.id == publications.c.apply_id))
+        .where(_owed_by_stopped_or_ended())
+    )
 
 
 # --- marks: when each background duty last ran ----------------------------------------------------

@@ -15,15 +15,16 @@ from datetime import datetime
 import pytest
 from sqlalchemy import text, update
 
-from leases import Lease, fence
+from leases import Lease, fence, mint_token
 from leases.effects import close_window, effect_fence, open_window
-from storage import applies, fenced, published
+from storage import applies, fenced, publications, published
 from storage.database import Database
 from storage.errors import EffectWindowBusy, FenceClosed, LeaseLost
 from storage.published import EffectFenced
 from storage.states import ApplyState
 from storage.tables import applies as applies_table
 from tests import support
+from tests.celery_fixtures import run_lease, sleep_apply
 from tests.support import hand_back
 
 
@@ -180,3 +181,23 @@ def test_only_the_current_lease_opens_a_window(db: Database) -> None:
         with pytest.raises(LeaseLost):
             open_window(db, stale, 30.0)
     assert support.snapshot(db) == before
+
+
+# --- the outbox's backlog, as leasehold doctor reports it ----------------------------------------
+
+
+def test_the_backlog_counts_what_stopped_or_ended_applies_owe_not_a_resumed_one(
+    db: Database,
+) -> None:
+    apply_id = sleep_apply(db, (0.01,), pull_request=True)
+    lease = run_lease(db, apply_id)
+    assert publications.backlog(db).count == 0
+    with fence(db, lease) as fx:
+        fenced.end_lease(
+            fx, new_token=mint_token(), to_state=ApplyState.STOPPED, event="stopped", reason="t"
+        )
+    owed = publications.backlog(db)
+    assert owed.count == 1
+    assert owed.oldest_due_at is not None
+    run_lease(db, apply_id)  # resumed: running again, its holder publishes
+    assert publications.backlog(db).count == 0
