@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tasks import progress
 from tasks.progress import WARN_EVERY, CeleryProgress
 from tests.celery_fixtures import FakeClock, wait_until
 
@@ -18,7 +19,14 @@ def report(reporter: CeleryProgress, percent: int) -> None:
     reporter.progress(epoch=3, index=0, total=2, table="t1", percent=percent)
 
 
-def test_a_backend_that_refuses_never_reaches_the_runner(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_backend_that_refuses_never_reaches_the_runner(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker test earlier in the run may have configured logging (Celery disables existing
+    # loggers): make sure this module's warnings reach caplog.
+    monkeypatch.setattr(progress.log, "disabled", False)
+    monkeypatch.setattr(progress.log, "propagate", True)
+    caplog.set_level(logging.WARNING, logger=progress.log.name)
     clock = FakeClock()
 
     def refused(meta: dict[str, Any]) -> None:
