@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from storage import applies, migrate
+from storage import applies, audit, migrate
 from storage.database import Database, open_database, redact
 from storage.errors import InvalidInput, LeaseholdError
 from storage.states import ApplyState
@@ -48,7 +48,8 @@ def _main(args: argparse.Namespace) -> int:
             db.dispose()
     except LeaseholdError as exc:
         print(f"leasehold: {exc}", file=sys.stderr)
-        return 1
+        # audit's exit 1 means "violations found"; an audit that could not run is another thing.
+        return 2 if args.func is _audit else 1
     except ValueError as exc:  # celeryconfig's LeaseholdConfigError
         print(f"leasehold: configuration: {exc}", file=sys.stderr)
         return 2
@@ -83,6 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="check store, broker, workers, beat, routing and applies")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for workers")
     p.set_defaults(func=_doctor)
+    p = sub.add_parser("audit", help="check the stored history of applies (read-only)")
+    p.add_argument("--apply", type=int, default=None, metavar="ID", help="audit this apply only")
+    p.add_argument("--json", action="store_true", help="the violations as a JSON list")
+    p.set_defaults(func=_audit)
     p = sub.add_parser("run", help="run a worker and beat (and Flower if installed) here")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--no-flower", action="store_true")
@@ -234,6 +239,19 @@ def _doctor(db: Database, args: argparse.Namespace) -> int:
     bad = doctor.failed(findings)
     print("something is wrong: see the FAIL lines above" if bad else "all good")
     return 1 if bad else 0
+
+
+def _audit(db: Database, args: argparse.Namespace) -> int:
+    report = audit.run(db, args.apply)
+    if args.json:
+        print(json.dumps([v.as_json() for v in report.violations]))
+    elif report.violations:
+        for violation in report.violations:
+            print(violation)
+    else:
+        noun = "apply" if report.applies == 1 else "applies"
+        print(f"audited {report.applies} {noun}: no violations")
+    return 1 if report.violations else 0
 
 
 def _demo(db: None, args: argparse.Namespace) -> int:

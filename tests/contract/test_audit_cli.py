@@ -1,0 +1,101 @@
+"""``leasehold audit [--apply ID] [--json]`` as an operator runs it: a subprocess on a temporary
+SQLite store. Clean: exit 0 and one summary line. Violations: exit 1 and one line each (or a JSON
+list). An audit that cannot run (an unknown apply): one error line and exit 2."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import insert, text
+
+from storage import applies, open_database
+from storage.migrate import upgrade
+from storage.tables import apply_logs
+from tests import support
+from tests.contract.test_cli_commands import Home, one_error_line, submit_example
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Home]:
+    url = f"sqlite:///{tmp_path / 'leasehold.sqlite3'}"
+    db = open_database(url)
+    upgrade(db)
+    yield Home(tmp_path, url, db)
+    db.dispose()
+
+
+def stale_log_row(home: Home, apply_id: int) -> int:
+    """Plant a log row of epoch 0 after the apply's dispatch (epoch 1); returns its id."""
+    with home.db.transaction() as conn:
+        result = conn.execute(
+            insert(apply_logs).values(
+                apply_id=apply_id,
+                lease_epoch=0,
+                level="info",
+                event="task_started",
+                message="planted",
+                created_at=text("CURRENT_TIMESTAMP"),
+            )
+        )
+    (log_id,) = result.inserted_primary_key or (None,)
+    assert log_id is not None
+    return int(log_id)
+
+
+def test_a_clean_store_is_one_summary_line_and_exit_0(home: Home) -> None:
+    submit_example(home)
+    support.new_apply(home.db)  # queued behind nothing: never dispatched
+    before = support.snapshot(home.db)
+
+    assert home.ok("audit") == "audited 2 applies: no violations\n"
+    assert json.loads(home.ok("audit", "--json")) == []
+    assert home.ok("audit", "--apply", "1") == "audited 1 apply: no violations\n"
+    assert support.snapshot(home.db) == before  # read-only
+
+
+def test_violations_are_one_line_each_and_exit_1(home: Home) -> None:
+    dirty, clean = submit_example(home), support.new_apply(home.db)
+    first = stale_log_row(home, dirty)
+    second = stale_log_row(home, dirty)
+    before = support.snapshot(home.db)
+
+    done = home.run("audit")
+
+    assert (done.returncode, done.stderr) == (1, "")
+    top = _dispatch_log_id(home, dirty)
+    assert done.stdout.splitlines() == [
+        f"apply {dirty}: log epoch 0 after 1 (log ids {top}, {first})",
+        f"apply {dirty}: log epoch 0 after 1 (log ids {top}, {second})",
+    ]
+    as_json = home.run("audit", "--json")
+    assert as_json.returncode == 1
+    assert json.loads(as_json.stdout) == [
+        {
+            "apply_id": dirty,
+            "check": "log_epochs",
+            "message": f"log epoch 0 after 1 (log ids {top}, {n})",
+        }
+        for n in (first, second)
+    ]
+    assert home.ok("audit", "--apply", str(clean)) == "audited 1 apply: no violations\n"
+    assert home.run("audit", "--apply", str(dirty)).returncode == 1
+    assert support.snapshot(home.db) == before
+
+
+def _dispatch_log_id(home: Home, apply_id: int) -> int:
+    return min(int(r["id"]) for r in applies.logs(home.db, apply_id) if r["event"] == "dispatched")
+
+
+def test_an_unknown_apply_is_one_clear_line_and_exit_2(home: Home) -> None:
+    line = one_error_line(home.run("audit", "--apply", "424242"), code=2)
+    assert line == "leasehold: apply 424242 does not exist"
+
+
+def test_audit_is_listed_with_the_other_commands(home: Home) -> None:
+    assert "audit" in home.ok("--help")
+    usage = home.ok("audit", "--help")
+    assert "--apply ID" in usage
+    assert "--json" in usage
