@@ -52,6 +52,7 @@ LIFECYCLE = f"{CONTRACT}/test_lifecycle.py"
 LINES_TESTS = f"{CONTRACT}/test_lines.py"
 LINE_RACES = f"{CONTRACT}/test_line_races.py"
 EFFECTS = f"{CONTRACT}/test_effect_records.py"
+MODEL = f"{CONTRACT}/test_lease_model.py"
 
 # Killers named more than once (each runs on SQLite and MariaDB; the race tests at REPEATABLE READ
 # and READ COMMITTED too).
@@ -116,7 +117,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "fence-check-then-act",
         "the fence's check commits in a transaction of its own and the block's writes run in a "
         "second one: a rotation can commit between the check and the write",
-        [CHECK_THEN_WRITE],
+        [CHECK_THEN_WRITE, MODEL],
         (
             FENCED,
             "    with db.transaction() as conn:\n        line = None\n",
@@ -141,7 +142,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "fence-without-token",
         "the fence's SELECT loses `lease_token = ?`: its epoch check alone admits another token of "
         "the current epoch",
-        [SAME_EPOCH_RACE, SAME_EPOCH],
+        [SAME_EPOCH_RACE, SAME_EPOCH, MODEL],
         (STATEMENTS, FENCE_WHERE, without(FENCE_WHERE, "applies.c.lease_token == token,")),
     ),
     mutant(
