@@ -77,7 +77,7 @@ class Heartbeat(threading.Thread):
             return False
         if self.interrupts.lost is None:
             log.warning(
-                "apply %s: no heartbeat succeeded for %gs: lease presumed lost, stopping",
+                "apply %s: lease presumed lost: no heartbeat succeeded for %gs; stopping its run",
                 self.lease.apply_id,
                 self.stale_after,
             )

@@ -7,9 +7,10 @@ Tokens and keys never appear in messages: githubkit's exceptions name the method
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from functools import partial
@@ -99,6 +100,7 @@ class GitHubClient:
             # client of its own keeps App installation tokens apart per configuration.
             cache_strategy=MemCacheStrategy(),
             user_agent="leasehold",
+            transport=_DeadlineTransport(),
         )
 
     def open(self) -> GitHubClient:
@@ -109,6 +111,21 @@ class GitHubClient:
 
     def close(self) -> None:
         self._open.close()
+
+    @staticmethod
+    @contextmanager
+    def send_before(deadline: float) -> Iterator[None]:
+        """Requests made on this thread inside the block are sent only before ``deadline``
+        (``time.monotonic``), checked by the transport as the last step before the connection
+        is used: a thread frozen (SIGSTOP, a long GC pause) after its effect window opened, and
+        woken after the window ended, does not send a stale edit. A request refused this way
+        raises ``GitHubRetryable`` with ``answered=True``: it never left, so it is over."""
+        previous = getattr(_SEND_DEADLINE, "at", None)
+        _SEND_DEADLINE.at = deadline
+        try:
+            yield
+        finally:
+            _SEND_DEADLINE.at = previous
 
     # --- issue comments --------------------------------------------------------------------------
 
@@ -231,7 +248,27 @@ class GitHubClient:
         except RequestTimeout as exc:
             raise GitHubRetryable(f"timed out: {exc!r}") from exc
         except GitHubException as exc:
+            if isinstance(exc.__cause__, NotSent):
+                raise GitHubRetryable(str(exc.__cause__), answered=True) from exc
             raise GitHubRetryable(f"request failed: {exc!r}") from exc
+
+
+class NotSent(Exception):
+    """A request the transport refused to send: its sender's deadline had passed."""
+
+
+_SEND_DEADLINE = threading.local()
+
+
+class _DeadlineTransport(httpx.HTTPTransport):
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        deadline: float | None = getattr(_SEND_DEADLINE, "at", None)
+        if deadline is not None and (late := time.monotonic() - deadline) > 0:
+            raise NotSent(
+                f"{request.method} not sent: {late:.2f}s past its effect window's start margin "
+                "(the worker was paused)"
+            )
+        return super().handle_request(request)
 
 
 def _budget(total: float) -> httpx.Timeout:

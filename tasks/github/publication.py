@@ -64,7 +64,6 @@ class Publication:
         head_sha: str,
         window: float,
         may_call: Callable[[], None] = lambda: None,
-        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         """``window``: the effect window of one call, at least the client's timeout plus
         ``WINDOW_MARGIN``. ``may_call`` raises (``LeaseLost``) when no call may be made any more
@@ -77,7 +76,6 @@ class Publication:
         self.head_sha = head_sha
         self.window = window
         self.may_call = may_call
-        self._monotonic = monotonic
         self.calls = 0
 
     def running(self) -> None:
@@ -194,16 +192,19 @@ class Publication:
         """A call that changes something at GitHub, inside the lease's effect window, which is
         closed again as soon as GitHub answered (a later epoch need not wait for it to run out);
         a call left without an answer keeps it open to its end, since GitHub may still apply it."""
-        started = self._monotonic()
+        started = time.monotonic()
         open_window(self.db, self.lease, self.window)
-        if self._monotonic() - started > WINDOW_MARGIN:
+        if time.monotonic() - started > WINDOW_MARGIN:
             raise EffectRetryable(
                 f"opening the effect window took over {WINDOW_MARGIN:g}s; call not made"
             )
         self.may_call()
         self.calls += 1
         try:
-            result = call()
+            # The margin is checked again as the request is sent (the transport), so that a
+            # thread paused between here and the send cannot send once the window ended.
+            with self.client.send_before(started + WINDOW_MARGIN):
+                result = call()
         except GitHubRetryable as exc:
             if exc.answered:
                 close_window(self.db, self.lease)

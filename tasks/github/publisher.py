@@ -195,7 +195,6 @@ class Publisher:
             head_sha=self.head_sha,
             window=self.window,
             may_call=may_call,
-            monotonic=self._monotonic,
         )
 
     def _publish_running(self) -> None:

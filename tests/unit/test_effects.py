@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import time
 from collections.abc import Iterator
 from typing import cast
 
@@ -211,3 +212,21 @@ def test_a_4xx_is_refused(github: tuple[GitHubStandIn, GitHubClient]) -> None:
     with pytest.raises(EffectRefused) as caught, in_leasehold_terms():
         gh.edit_comment("acme/shop", 999_999, "no such comment")
     assert isinstance(caught.value.__cause__, GitHubRejected)
+
+
+def test_a_request_past_its_send_deadline_is_never_sent(
+    github: tuple[GitHubStandIn, GitHubClient],
+) -> None:
+    """A worker frozen between opening its effect window and sending must not send once the
+    window is over: the transport checks the deadline as the last step before the connection."""
+    standin, gh = github
+    with (
+        pytest.raises(GitHubRetryable, match="not sent") as caught,
+        gh.send_before(time.monotonic() - 0.5),
+    ):
+        gh.create_comment("acme/shop", 1, "stale")
+    assert caught.value.answered  # it never left: the window may close at once
+    assert standin.requests() == []
+    with gh.send_before(time.monotonic() + 30):
+        gh.create_comment("acme/shop", 1, "in time")
+    assert [r.method for r in standin.requests()] == ["POST"]
