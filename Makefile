@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/effects.py
 	$(BIN)/python bench/control_latency.py
+	$(BIN)/python bench/chaos.py --seed 1 --applies 120 --seconds 300
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	PYTHON=$(PYTHON) scripts/bootstrap.sh $(VENV)
