@@ -4,7 +4,7 @@ hide another and the campaign can count them.
 
 Three sources, each reported on its own line:
 
-- ``leasehold audit`` (``storage.audit.audit``), when this tree has it: the stored history alone;
+- ``leasehold audit`` (``storage.audit.audit``): the stored history alone;
 - the e2e suite's history helpers (``tests/e2e/helpers.py``): log epochs never decrease, no
   control request outlives its apply, each apply task completed once and one terminal event;
 - the GitHub stand-in (``tests/e2e/test_github_chaos.assert_pull_request_consistent``): per apply,
@@ -14,11 +14,10 @@ Three sources, each reported on its own line:
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any
 
+from storage import audit as storage_audit
 from storage.database import Database
 from tasks.testing.standin import GitHubStandIn
 from tests.e2e.faults import assert_each_task_done_once
@@ -41,12 +40,8 @@ def _collect(label: str, check: Callable[[], object]) -> list[str]:
 
 
 def audit(db: Database) -> tuple[str, list[str]]:
-    """``storage.audit.audit(db)`` as lines, or why it could not run."""
-    try:
-        module: Any = importlib.import_module("storage.audit")
-    except ModuleNotFoundError:
-        return "not in this tree (storage/audit.py): helpers only", []
-    found = module.audit(db)
+    """``storage.audit.audit(db)`` as lines."""
+    found = storage_audit.audit(db)
     return f"{len(found)} violations", [f"audit: {v}" for v in found]
 
 

@@ -169,7 +169,20 @@ MUTANTS: tuple[Mutant, ...] = (
         "redemption loses `lease_owner IS NULL`: a dispatched lease that has an owner is "
         "redeemed again",
         [f"{SHAPES}::test_redeem_refuses_a_dispatched_lease_that_already_has_an_owner"],
-        (STATEMENTS, "            applies.c.lease_owner.is_(None),\n", ""),
+        (
+            STATEMENTS,
+            "            applies.c.lease_token == token,\n"
+            "            applies.c.lease_owner.is_(None),\n"
+            "            applies.c.state == ApplyState.DISPATCHED,\n"
+            "        )\n"
+            "        .values(\n"
+            "            lease_owner=owner,\n",
+            "            applies.c.lease_token == token,\n"
+            "            applies.c.state == ApplyState.DISPATCHED,\n"
+            "        )\n"
+            "        .values(\n"
+            "            lease_owner=owner,\n",
+        ),
     ),
     mutant(
         "redeem-without-token",

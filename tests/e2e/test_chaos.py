@@ -4,8 +4,8 @@ and every kind of fault at least once (the seed's plan puts all fourteen kinds i
 processes on a private Redis and a private MariaDB store, a private MariaDB target for the
 ``mysql`` applies, the GitHub stand-in, one worker in a network namespace.
 
-Nothing may be lost or corrupted: every apply completes, and ``leasehold audit`` (when the tree
-has it), the e2e history helpers and the stand-in's pull request invariants find no violation.
+Nothing may be lost or corrupted: every apply completes, and ``leasehold audit``, the e2e
+history helpers and the stand-in's pull request invariants find no violation.
 A failure prints the campaign's log; replay it with the command above without ``--plan-only``.
 Needs ``mariadbd``, ``redis-server``, root, ``ip`` and ``socat``: skipped locally without them,
 a failure when CI is set.
