@@ -25,7 +25,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, event, inspect, text
 from sqlalchemy.engine import make_url
 
-from storage import open_database
+from storage import applies, open_database
+from storage.audit import audit
 from storage.database import Database, redact
 from storage.errors import (
     ConfigurationError,
@@ -606,3 +607,61 @@ def test_require_head_on_an_unreachable_store_is_storage_unavailable(
         assert redact(str(db.engine.url)) in str(caught.value)
     finally:
         db.dispose()
+
+
+def test_upgrade_from_0004_keeps_every_row_and_old_applies_stay_readable(
+    fresh_db: Database,
+) -> None:
+    """Revision 0005 adds columns to ``applies`` (on SQLite by rebuilding the table, which other
+    tables reference) and the ``publications`` outbox: a store with applies, their tasks, logs,
+    GitHub records, control requests and notifications upgrades with nothing lost."""
+    with fresh_db.engine.begin() as conn:
+        _migrate_to(conn, "0004")
+    now = "2026-11-01 12:00:00"
+    with fresh_db.transaction() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO applies (id, state, database_name, environment, engine, repository, "
+                "pull_request, head_sha, lease_epoch, lease_token, created_at, updated_at, "
+                "finished_at) VALUES (1, 'completed', 'shop', 'prod', 'sleep', 'acme/shop', 7, "
+                f"'{'0' * 40}', 3, NULL, '{now}', '{now}', '{now}'), "
+                "(2, 'stopped', 'shop2', 'prod', 'sleep', NULL, NULL, NULL, 2, "
+                f"'{'a' * 32}', '{now}', '{now}', NULL)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO apply_tasks (apply_id, position, table_name, ddl, options, state, "
+                "progress, lease_epoch, finished_at) VALUES "
+                f"(1, 0, 't', 'ALTER TABLE t ADD c INT', '{{}}', 'completed', 100, 2, '{now}')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO apply_logs (apply_id, lease_epoch, level, event, message, created_at)"
+                f" VALUES (1, 3, 'info', 'completed', 'done', '{now}')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO checks (apply_id, github_check_run_id, status, conclusion, "
+                f"last_epoch, updated_at) VALUES (1, 9, 'completed', 'success', 3, '{now}')"
+            )
+        )
+    before = _contents(fresh_db)
+    upgrade(fresh_db)
+    after = _contents(fresh_db)
+    assert current_revision(fresh_db) == head_revision()
+    for table, rows in before.items():
+        if table == VERSION_TABLE:
+            continue
+        if table == "applies":  # the same rows, with the three new columns empty
+            assert [r[: len(rows[0])] for r in after[table]] == rows
+            assert all(r[len(rows[0]) :] == (None, None, None) for r in after[table])
+        else:
+            assert after[table] == rows, table
+    assert after["publications"] == []
+    old = applies.get(fresh_db, 1)
+    assert (old["state"], old["lease_epoch"], old["effect_until"]) == ("completed", 3, None)
+    assert [t["state"] for t in applies.tasks(fresh_db, 1)] == ["completed"]
+    assert audit(fresh_db) == []
