@@ -28,9 +28,9 @@ fi
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 if have_mysql_headers; then
-    "$venv/bin/python" -m pip install -q -e '.[dev,mysql]'
+    "$venv/bin/python" -m pip install -q -e '.[dev,mysql,postgres]'
 else
     # The embedded default needs no compiler; MySQL tests then skip locally (and fail under CI).
     echo "bootstrap: WARNING: no libmysqlclient headers; installing without the mysql extra" >&2
-    "$venv/bin/python" -m pip install -q -e '.[dev]'
+    "$venv/bin/python" -m pip install -q -e '.[dev,postgres]'
 fi

@@ -1,6 +1,6 @@
-"""Backends for the contract suite: every test taking ``db`` runs on real SQLite and real
-MariaDB/MySQL. A missing server is skipped locally with a loud reason, and fails when CI is set
-(dramatiq's fixtures do the same)."""
+"""Backends for the contract suite: every test taking ``db`` runs on real SQLite, real
+MariaDB/MySQL and real PostgreSQL. A missing server is skipped locally with a loud reason, and
+fails when CI is set (dramatiq's fixtures do the same)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ CI = bool(os.environ.get("CI"))
 MYSQL_SERVER_URL = os.environ.get(
     "LEASEHOLD_TEST_MYSQL_URL", "mysql+mysqldb://root@127.0.0.1:3306/"
 )
+# A server URL whose database is the maintenance database the scratch databases are made from.
+POSTGRES_SERVER_URL = os.environ.get(
+    "LEASEHOLD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
 
 
 # The parameters that choose the store a test item runs on, and the value that means MariaDB/MySQL
@@ -37,6 +41,9 @@ MYSQL_PARAMS = {
     "base": "redis",  # e2e GitHub chaos
 }
 MYSQL_FIXTURES = frozenset({"mysql_server", "target_url"})
+# Likewise for PostgreSQL: the parameter values that mean it, and fixtures that are it.
+POSTGRES_VALUES = frozenset({"postgres"})
+POSTGRES_FIXTURES = frozenset({"postgres_server"})
 
 
 def runs_on_mysql(item: pytest.Item) -> bool:
@@ -47,12 +54,22 @@ def runs_on_mysql(item: pytest.Item) -> bool:
     return bool(MYSQL_FIXTURES & set(getattr(item, "fixturenames", ())))
 
 
+def runs_on_postgres(item: pytest.Item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    params = callspec.params if callspec is not None else {}
+    if any(params.get(name) in POSTGRES_VALUES for name in MYSQL_PARAMS):
+        return True
+    return bool(POSTGRES_FIXTURES & set(getattr(item, "fixturenames", ())))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark every item that runs on MariaDB/MySQL ``mysql``, so that ``-m "not mysql"`` runs the
-    SQLite half alone (and ``-m mysql`` the other)."""
+    """Mark every item that runs on MariaDB/MySQL ``mysql`` and every one on PostgreSQL
+    ``postgres``, so that ``-m "not mysql and not postgres"`` runs the SQLite part alone."""
     for item in items:
         if runs_on_mysql(item) and item.get_closest_marker("mysql") is None:
             item.add_marker(pytest.mark.mysql)
+        if runs_on_postgres(item) and item.get_closest_marker("postgres") is None:
+            item.add_marker(pytest.mark.postgres)
 
 
 def unavailable(reason: str) -> None:
@@ -86,6 +103,42 @@ def scratch_mysql_database(prefix: str) -> Iterator[str]:
         admin.dispose()
 
 
+@contextmanager
+def scratch_postgres_database(prefix: str) -> Iterator[str]:
+    """A database of our own (``prefix`` + random suffix) on the PostgreSQL server at
+    ``LEASEHOLD_TEST_POSTGRES_URL``; yields its URL and drops it afterwards (ending any session
+    still connected to it, e.g. a killed worker's). Never touches another database. An
+    unreachable server is ``unavailable()``: a skip locally, a failure in CI."""
+    if importlib.util.find_spec("psycopg") is None:
+        unavailable("psycopg is not installed; run scripts/bootstrap.sh")
+    server = make_url(POSTGRES_SERVER_URL)
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    # CREATE/DROP DATABASE cannot run inside a transaction block.
+    admin = create_engine(server, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f"CREATE DATABASE {name}"))
+    except Exception as exc:
+        admin.dispose()
+        unavailable(f"PostgreSQL at {server.render_as_string()} is not reachable: {exc}")
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A scratch database on the PostgreSQL server, migrated; dropped at the end."""
+    with scratch_postgres_database("leasehold_test") as url:
+        db = open_database(url)
+        upgrade(db)
+        db.dispose()
+        yield url
+
+
 @pytest.fixture(scope="session")
 def mysql_server() -> Iterator[str]:
     """A scratch database on the MySQL/MariaDB server, migrated; dropped at the end."""
@@ -105,10 +158,12 @@ def sqlite_file(tmp_path_factory: pytest.TempPathFactory) -> str:
     return url
 
 
-@pytest.fixture(params=["sqlite", "mysql"])
+@pytest.fixture(params=["sqlite", "mysql", "postgres"])
 def backend_url(request: pytest.FixtureRequest) -> str:
     if request.param == "mysql":
         return str(request.getfixturevalue("mysql_server"))
+    if request.param == "postgres":
+        return str(request.getfixturevalue("postgres_server"))
     return str(request.getfixturevalue("sqlite_file"))
 
 

@@ -1,8 +1,12 @@
-"""Fixtures of the end-to-end suite: every test runs on two stacks.
+"""Fixtures of the end-to-end suite: every test runs on four stacks.
 
 - ``redis``: Redis broker (database 11) + Redis result backend (database 12) + a MariaDB/MySQL
   database created for the module and dropped after it. Skipped locally (failed in CI) when
   Redis or MariaDB does not answer.
+- ``postgres``: the same Redis databases + a PostgreSQL database of the module's own.
+- ``rabbitmq``: RabbitMQ (``amqp://``) in a vhost of the module's own, made with
+  ``rabbitmqctl add_vhost`` and deleted after it, + the Redis result backend (database 12) + a
+  MariaDB/MySQL database.
 - ``sqlite``: the embedded default: a SQLite file, kombu's ``filesystem://`` broker and the
   SQLite result backend under ``LEASEHOLD_VAR_DIR`` in a temporary folder.
 
@@ -23,12 +27,16 @@ import atexit
 import fcntl
 import importlib.util
 import os
+import shutil
 import signal
+import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Generator, Iterator
-from contextlib import AbstractContextManager, contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -36,7 +44,7 @@ import redis
 from storage import open_database
 from storage.migrate import upgrade
 from tests import support
-from tests.conftest import scratch_mysql_database, unavailable
+from tests.conftest import scratch_mysql_database, scratch_postgres_database, unavailable
 from tests.e2e.helpers import (
     Cluster,
     Stack,
@@ -49,6 +57,11 @@ from tests.e2e.helpers import (
 )
 
 REDIS_URL = os.environ.get("LEASEHOLD_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
+# The RabbitMQ server (no vhost): each module's vhost is made under it.
+AMQP_URL = os.environ.get("LEASEHOLD_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672").rstrip(
+    "/"
+)
+AMQP_USER = urlsplit(AMQP_URL).username or "guest"
 # The only Redis databases this suite touches (and flushes).
 BROKER_DB, RESULTS_DB = 11, 12
 LOCK_WAIT = 60.0  # seconds another run may hold those databases before this one gives up
@@ -106,8 +119,12 @@ def _foreign_consumers(probe: redis.Redis) -> list[str]:
 
 
 @contextmanager
-def _redis_stack(folder: Path) -> Iterator[dict[str, str]]:
-    if importlib.util.find_spec("MySQLdb") is None:
+def _redis_stack(
+    folder: Path, store: str = "mysql", broker: str = "redis"
+) -> Iterator[dict[str, str]]:
+    """Redis for results (and the broker unless ``broker`` is ``rabbitmq``) + a scratch database
+    on the ``store`` server (``mysql`` or ``postgres``)."""
+    if store == "mysql" and importlib.util.find_spec("MySQLdb") is None:
         unavailable("mysqlclient is not installed; run scripts/bootstrap.sh")
     clients = [redis.Redis.from_url(f"{REDIS_URL}/{n}") for n in (BROKER_DB, RESULTS_DB)]
     try:
@@ -126,13 +143,18 @@ def _redis_stack(folder: Path) -> Iterator[dict[str, str]]:
                 "workers left behind by a killed run?) and would steal this run's messages: "
                 f"{', '.join(others[:4])}"
             )
-        with _mariadb_database() as url:
+        database = (
+            scratch_postgres_database("leasehold_e2e")
+            if store == "postgres"
+            else _mariadb_database()
+        )
+        with database as url, _broker(broker) as broker_url:
             try:
                 for client in clients:
                     client.flushdb()
                 yield {
                     "LEASEHOLD_DATABASE_URL": url,
-                    "LEASEHOLD_BROKER_URL": f"{REDIS_URL}/{BROKER_DB}",
+                    "LEASEHOLD_BROKER_URL": broker_url,
                     "LEASEHOLD_RESULT_BACKEND": f"{REDIS_URL}/{RESULTS_DB}",
                     "LEASEHOLD_VAR_DIR": str(folder / "var"),
                 }
@@ -141,6 +163,37 @@ def _redis_stack(folder: Path) -> Iterator[dict[str, str]]:
                     with suppress(redis.RedisError):
                         client.flushdb()
                     client.close()
+
+
+def _broker(kind: str) -> AbstractContextManager[str]:
+    if kind == "rabbitmq":
+        return rabbitmq_vhost("leasehold_e2e")
+    return nullcontext(f"{REDIS_URL}/{BROKER_DB}")
+
+
+@contextmanager
+def rabbitmq_vhost(prefix: str) -> Iterator[str]:
+    """A RabbitMQ vhost of our own (``prefix`` + random suffix) on the server at
+    ``LEASEHOLD_TEST_AMQP_URL``, made with ``rabbitmqctl`` (guest may use it) and deleted after;
+    yields the broker URL. Never touches another vhost."""
+    if shutil.which("rabbitmqctl") is None:
+        unavailable("rabbitmqctl is not installed (Debian: rabbitmq-server)")
+    vhost = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    made = _rabbitmqctl("add_vhost", vhost)
+    if made.returncode != 0:
+        unavailable(f"RabbitMQ does not answer rabbitmqctl add_vhost: {made.stderr.strip()}")
+    try:
+        granted = _rabbitmqctl("set_permissions", "-p", vhost, AMQP_USER, ".*", ".*", ".*")
+        assert granted.returncode == 0, granted.stderr
+        yield f"{AMQP_URL}/{vhost}"
+    finally:
+        _rabbitmqctl("delete_vhost", vhost)
+
+
+def _rabbitmqctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["rabbitmqctl", *args], capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 def _mariadb_database() -> AbstractContextManager[str]:
@@ -158,14 +211,26 @@ def _sqlite_stack(folder: Path) -> Iterator[dict[str, str]]:
     }
 
 
-@pytest.fixture(scope="module", params=["redis", "sqlite"])
+def stack_settings(kind: str, folder: Path) -> AbstractContextManager[dict[str, str]]:
+    """The ``LEASEHOLD_*`` values of a deployment of ``kind`` (redis, postgres, rabbitmq,
+    sqlite) whose files live in ``folder``."""
+    if kind == "redis":
+        return _redis_stack(folder)
+    if kind == "postgres":
+        return _redis_stack(folder, store="postgres")
+    if kind == "rabbitmq":
+        return _redis_stack(folder, broker="rabbitmq")
+    return _sqlite_stack(folder)
+
+
+@pytest.fixture(scope="module", params=["redis", "postgres", "rabbitmq", "sqlite"])
 def stack(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     """A fresh deployment per module and stack: its own database, broker and results."""
     kind = str(request.param)
     folder = tmp_path_factory.mktemp(f"e2e-{kind}")
-    settings = _redis_stack(folder) if kind == "redis" else _sqlite_stack(folder)
+    settings = stack_settings(kind, folder)
     with settings as values:
         env = process_env(values)
         db = open_database(values["LEASEHOLD_DATABASE_URL"])
@@ -173,7 +238,7 @@ def stack(
         client = client_app(env)
         try:
             url = values["LEASEHOLD_DATABASE_URL"]
-            yield Stack(kind, folder, url, env, db, client, redis=kind == "redis")
+            yield Stack(kind, folder, url, env, db, client, redis=kind in ("redis", "postgres"))
         finally:
             close_client(client)
             db.dispose()
