@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test lint typecheck pytest test-unit test-contract test-e2e mutants bench clean
+.PHONY: run test lint typecheck pytest test-unit test-contract test-e2e test-docker mutants bench clean
 
 ## run: the main job on the embedded default (SQLite + filesystem broker): `leasehold demo`
 run: $(STAMP)
@@ -32,6 +32,10 @@ test-contract: $(STAMP)
 
 test-e2e: $(STAMP)
 	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
+
+## test-docker: the image, Redis and MySQL in containers (pytest-celery); needs a Docker engine
+test-docker: $(STAMP)
+	$(BIN)/python -m pytest tests/docker -m docker $(PYTEST_ARGS)
 
 ## mutants: break each lease statement in a scratch copy and prove a contract test catches it
 mutants: $(STAMP)
