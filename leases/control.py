@@ -63,64 +63,71 @@ def settle_unowned(db: Database, request: ControlRequest) -> Settlement:
     returned as that racer settled it, and nothing changes.
     """
     apply_id, action = request.apply_id, request.action
-    with db.transaction() as conn:
-        seen = leasing.read(conn, apply_id)
-        line = lines.of(conn, apply_id)  # an apply never changes its line
+    for txn in db.attempts():
+        with txn as conn:
+            seen = leasing.read(conn, apply_id)
+            line = lines.of(conn, apply_id)  # an apply never changes its line
     if _owner_acts(ApplyState(seen.state), action):
         return Settlement(request, ApplyState(seen.state))  # no lock: nothing to change here
     token, successor_token = mint_token(), mint_token()
-    with db.transaction() as conn:
-        # Locks first: under REPEATABLE READ the first plain read fixes the snapshot that every
-        # later one (the request, the line's head) reads, so none may come before the locks.
-        lines.lock(conn, line)
-        row = leasing.lock(conn, apply_id)
-        state = ApplyState(row.state)
-        if _owner_acts(state, action):  # redeemed meanwhile
-            return Settlement(request, state)
-        current = control._current(conn, request.id)
-        if current.state != ControlState.PENDING:
-            return Settlement(current, state)  # a duplicate's racer settled it: a no-op
-        if action == ControlAction.RETRY:
-            return _retry(conn, request, row, line, token, successor_token)
-        new_state: ApplyState | None = None
-        error: str | None = None
-        reason = f"{action} requested (control request {request.id})"
-        if action == ControlAction.STOP:
-            if state in _STOPPABLE:
-                new_state = ApplyState.STOPPED
-            elif state != ApplyState.STOPPED:
-                error = f"apply is {state}: nothing to stop"
-        elif action == ControlAction.CANCEL:
-            if state in _CANCELLABLE:
-                new_state = ApplyState.CANCELLED
+    for txn in db.attempts():
+        with txn as conn:
+            # Locks first: under REPEATABLE READ the first plain read fixes the snapshot that every
+            # later one (the request, the line's head) reads, so none may come before the locks.
+            lines.lock(conn, line)
+            row = leasing.lock(conn, apply_id)
+            state = ApplyState(row.state)
+            if _owner_acts(state, action):  # redeemed meanwhile
+                return Settlement(request, state)
+            current = control._current(conn, request.id)
+            if current.state != ControlState.PENDING:
+                return Settlement(current, state)  # a duplicate's racer settled it: a no-op
+            if action == ControlAction.RETRY:
+                return _retry(conn, request, row, line, token, successor_token)
+            new_state: ApplyState | None = None
+            error: str | None = None
+            reason = f"{action} requested (control request {request.id})"
+            if action == ControlAction.STOP:
+                if state in _STOPPABLE:
+                    new_state = ApplyState.STOPPED
+                elif state != ApplyState.STOPPED:
+                    error = f"apply is {state}: nothing to stop"
+            elif action == ControlAction.CANCEL:
+                if state in _CANCELLABLE:
+                    new_state = ApplyState.CANCELLED
+                else:
+                    error = f"apply is {state}: nothing to cancel"
+            elif state == ApplyState.STOPPED:  # resume
+                first = lines.head(conn, line)
+                if first is None or first.apply_id == apply_id:
+                    new_state = ApplyState.DISPATCHED
+                else:
+                    new_state = ApplyState.QUEUED
+                    reason += f": queued behind apply {first.apply_id} ({first.state}) on {line}"
             else:
-                error = f"apply is {state}: nothing to cancel"
-        elif state == ApplyState.STOPPED:  # resume
-            first = lines.head(conn, line)
-            if first is None or first.apply_id == apply_id:
-                new_state = ApplyState.DISPATCHED
-            else:
-                new_state = ApplyState.QUEUED
-                reason += f": queued behind apply {first.apply_id} ({first.state}) on {line}"
-        else:
-            error = f"apply is {state}, not stopped: nothing to resume"
+                error = f"apply is {state}, not stopped: nothing to resume"
 
-        final = ControlState.FAILED if error else ControlState.COMPLETED
-        # First: a rotation to a terminal state fails every request still pending.
-        control._finish_unowned(conn, apply_id, request.id, state=final, error=error)
-        lease = successor = None
-        if new_state is not None:
-            epoch = leasing.rotate(
-                conn, row, new_token=token, to_state=new_state, event=_EVENTS[action], reason=reason
-            )
-            if new_state == ApplyState.CANCELLED:
-                control._cancel_unfinished_tasks(conn, apply_id, epoch=epoch)
-                promoted = lines.promote(conn, line, successor_token)
-                if promoted is not None:
-                    successor = Lease(promoted.apply_id, promoted.epoch, successor_token)
-            if new_state == ApplyState.DISPATCHED:
-                lease = Lease(apply_id, epoch, token)
-            state = new_state
+            final = ControlState.FAILED if error else ControlState.COMPLETED
+            # First: a rotation to a terminal state fails every request still pending.
+            control._finish_unowned(conn, apply_id, request.id, state=final, error=error)
+            lease = successor = None
+            if new_state is not None:
+                epoch = leasing.rotate(
+                    conn,
+                    row,
+                    new_token=token,
+                    to_state=new_state,
+                    event=_EVENTS[action],
+                    reason=reason,
+                )
+                if new_state == ApplyState.CANCELLED:
+                    control._cancel_unfinished_tasks(conn, apply_id, epoch=epoch)
+                    promoted = lines.promote(conn, line, successor_token)
+                    if promoted is not None:
+                        successor = Lease(promoted.apply_id, promoted.epoch, successor_token)
+                if new_state == ApplyState.DISPATCHED:
+                    lease = Lease(apply_id, epoch, token)
+                state = new_state
     settled = ControlRequest(request.id, apply_id, action, final, error)
     return Settlement(settled, state, lease, successor)
 
@@ -137,8 +144,9 @@ def _owner_acts(state: ApplyState, action: ControlAction) -> bool:
 def check_retryable(db: Database, apply_id: int) -> None:
     """Refuse a retry of an apply that has not failed before anything is recorded (an unlocked
     read: ``settle_unowned`` decides again under the locks). ``ApplyNotFound`` for an unknown id."""
-    with db.transaction() as conn:
-        state = ApplyState(leasing.read(conn, apply_id).state)
+    for txn in db.attempts():
+        with txn as conn:
+            state = ApplyState(leasing.read(conn, apply_id).state)
     if state != ApplyState.FAILED:
         raise retry_refused(apply_id, state)
 

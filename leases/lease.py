@@ -12,7 +12,10 @@ from storage.errors import InvalidLease
 TOKEN_BYTES: Final = 16  # 128 random bits: unguessable, so a lease cannot be forged
 _TOKEN_RE: Final = re.compile(r"[0-9a-f]{32}")
 _KEYS: Final = frozenset({"apply_id", "epoch", "token"})
-_MAX_ID: Final = 2**63 - 1
+_MAX_ID: Final = 2**63 - 1  # apply ids are BIGINT on every store
+# Epochs are INT columns on every store: a larger one was never issued, and PostgreSQL would
+# refuse it as a parameter (out of range) rather than find no row.
+_MAX_EPOCH: Final = 2**31 - 1
 _SHOWN: Final = 6  # token characters a repr may show
 
 
@@ -27,8 +30,8 @@ class Lease:
     token: str
 
     def __post_init__(self) -> None:
-        _check_int("apply_id", self.apply_id, minimum=1)
-        _check_int("epoch", self.epoch, minimum=1)
+        _check_int("apply_id", self.apply_id, minimum=1, maximum=_MAX_ID)
+        _check_int("epoch", self.epoch, minimum=1, maximum=_MAX_EPOCH)
         if not isinstance(self.token, str) or not _TOKEN_RE.fullmatch(self.token):
             raise InvalidLease("lease token must be 32 lowercase hex characters")
 
@@ -58,9 +61,9 @@ class Lease:
     __str__ = __repr__
 
 
-def _check_int(name: str, value: object, *, minimum: int) -> None:
+def _check_int(name: str, value: object, *, minimum: int, maximum: int) -> None:
     # bool is an int subclass; a JSON true must not pass for an id.
     if not isinstance(value, int) or isinstance(value, bool):
         raise InvalidLease(f"lease {name} must be an integer, not {type(value).__name__}")
-    if not minimum <= value <= _MAX_ID:
+    if not minimum <= value <= maximum:
         raise InvalidLease(f"lease {name} out of range: {value}")

@@ -37,23 +37,29 @@ def dispatch(
     apply is ``dispatched`` and reclaim re-dispatches it after the dispatch timeout.
     """
     allowed = [ApplyState(s) for s in from_states]
-    with db.transaction() as conn:
-        line = lines.of(conn, apply_id)
-        lines.lock(conn, line)
-        row = leasing.lock(conn, apply_id)
-        if row.state not in allowed:
-            raise InvalidTransition(apply_id, row.state, "dispatch")
-        first = lines.head(conn, line)
-        if first is not None and first.apply_id != apply_id:
-            raise InvalidTransition(
-                apply_id,
-                row.state,
-                f"dispatch: apply {first.apply_id} ({first.state}) is ahead of it on {line}",
+    for txn in db.attempts():
+        with txn as conn:
+            line = lines.of(conn, apply_id)
+            lines.lock(conn, line)
+            row = leasing.lock(conn, apply_id)
+            if row.state not in allowed:
+                raise InvalidTransition(apply_id, row.state, "dispatch")
+            first = lines.head(conn, line)
+            if first is not None and first.apply_id != apply_id:
+                raise InvalidTransition(
+                    apply_id,
+                    row.state,
+                    f"dispatch: apply {first.apply_id} ({first.state}) is ahead of it on {line}",
+                )
+            token = mint_token()
+            epoch = leasing.rotate(
+                conn,
+                row,
+                new_token=token,
+                to_state=ApplyState.DISPATCHED,
+                event=event,
+                reason=reason,
             )
-        token = mint_token()
-        epoch = leasing.rotate(
-            conn, row, new_token=token, to_state=ApplyState.DISPATCHED, event=event, reason=reason
-        )
     return Lease(apply_id, epoch, token)
 
 
@@ -64,17 +70,18 @@ def redeem(db: Database, lease: Lease, owner: str) -> str:
     ``reclaimed``, ``handed_back``, ``resumed``), which tells the new holder whether a previous
     holder may still have an external call in flight.
     """
-    with db.transaction() as conn:
-        leasing.redeem(conn, lease.apply_id, epoch=lease.epoch, token=lease.token, owner=owner)
-        origin = leasing.rotation_event(conn, lease.apply_id, lease.epoch)
-        leasing.append_log(
-            conn,
-            lease.apply_id,
-            epoch=lease.epoch,
-            level="info",
-            event="redeemed",
-            message=f"lease epoch {lease.epoch} redeemed by {owner}",
-        )
+    for txn in db.attempts():
+        with txn as conn:
+            leasing.redeem(conn, lease.apply_id, epoch=lease.epoch, token=lease.token, owner=owner)
+            origin = leasing.rotation_event(conn, lease.apply_id, lease.epoch)
+            leasing.append_log(
+                conn,
+                lease.apply_id,
+                epoch=lease.epoch,
+                level="info",
+                event="redeemed",
+                message=f"lease epoch {lease.epoch} redeemed by {owner}",
+            )
     return origin
 
 
@@ -82,8 +89,10 @@ def owe_dispatch(db: Database, lease: Lease) -> bool:
     """``run_apply`` for ``lease`` could not be sent (the broker was down): record it as owed,
     so that the next reclaim pass sends it again instead of leaving the apply until the dispatch
     timeout. False if the lease is no longer current and unredeemed (nothing is owed then)."""
-    with db.transaction() as conn:
-        return leasing.owe_dispatch(conn, lease.apply_id, epoch=lease.epoch)
+    for txn in db.attempts():
+        with txn as conn:
+            owed = leasing.owe_dispatch(conn, lease.apply_id, epoch=lease.epoch)
+    return owed
 
 
 def owed_dispatches(db: Database, *, limit: int = 100) -> list[Lease]:
@@ -94,14 +103,16 @@ def owed_dispatches(db: Database, *, limit: int = 100) -> list[Lease]:
 
 
 def dispatch_sent(db: Database, lease: Lease) -> None:
-    with db.transaction() as conn:
-        leasing.dispatch_sent(conn, lease.apply_id, epoch=lease.epoch)
+    for txn in db.attempts():
+        with txn as conn:
+            leasing.dispatch_sent(conn, lease.apply_id, epoch=lease.epoch)
 
 
 def heartbeat(db: Database, lease: Lease) -> None:
     """Renew liveness from the database clock; ``LeaseLost`` if the lease is no longer current."""
-    with db.transaction() as conn:
-        leasing.heartbeat(conn, lease.apply_id, epoch=lease.epoch, token=lease.token)
+    for txn in db.attempts():
+        with txn as conn:
+            leasing.heartbeat(conn, lease.apply_id, epoch=lease.epoch, token=lease.token)
 
 
 def check(db: Database, lease: Lease) -> None:

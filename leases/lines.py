@@ -44,8 +44,9 @@ def submit(db: Database, new: NewApply) -> Submitted:
 def dispatch_waiting(db: Database) -> list[Lease]:
     """Dispatch the waiting head of every line that has one (a reclaim pass runs this after its
     batches). Lines whose head is running, dispatched or stopped are only read."""
-    with db.transaction() as conn:
-        candidates = lines.waiting(conn)
+    for txn in db.attempts():
+        with txn as conn:
+            candidates = lines.waiting(conn)
     sent: list[Lease] = []
     for line in candidates:
         lease = _promote_if_waiting(db, line)
@@ -56,14 +57,16 @@ def dispatch_waiting(db: Database) -> list[Lease]:
 
 
 def _promote_if_waiting(db: Database, line: Line) -> Lease | None:
-    with db.transaction() as conn:
-        first = lines.head(conn, line)
+    for txn in db.attempts():
+        with txn as conn:
+            first = lines.head(conn, line)
     if first is None or first.state not in WAITING_STATES:
         return None  # the common case: an apply is running; no lock taken
     token = mint_token()
-    with db.transaction() as conn:
-        lines.lock(conn, line)
-        promoted = lines.promote(conn, line, token)
+    for txn in db.attempts():
+        with txn as conn:
+            lines.lock(conn, line)
+            promoted = lines.promote(conn, line, token)
     return None if promoted is None else _lease(promoted, token)
 
 

@@ -60,21 +60,32 @@ def lock(conn: Connection, line: Line, *, make: bool = True) -> None:
     have none, and their transitions rarely race (when they do, InnoDB breaks the deadlock and
     the caller's retry of ``StorageBusy`` finds the row).
     """
-    lock_line = statements.lock_line(line.database_name, line.environment)
+    lock_line = statements.lock_line(
+        line.database_name, line.environment, dialect=conn.dialect.name
+    )
     if conn.execute(lock_line).first() is not None:
         return
     if not make:
         raise LineMissing(f"line {line} has no row yet")
-    conn.execute(statements.make_line(line.database_name, line.environment))
+    conn.execute(
+        statements.make_line(line.database_name, line.environment, dialect=conn.dialect.name)
+    )
     conn.execute(lock_line).one()
 
 
 def make(db: Database, line: Line) -> None:
     """Make the line's row if it is missing, in a transaction of its own. Racing first submits
     of a new line all get here: ``INSERT IGNORE`` lets one insert and the others find it, where
-    inserts inside their submit transactions would deadlock under REPEATABLE READ."""
-    with db.transaction() as conn:
-        conn.execute(statements.make_line(line.database_name, line.environment))
+    inserts inside their submit transactions would deadlock under REPEATABLE READ. READ
+    COMMITTED always: PostgreSQL's REPEATABLE READ fails an ``ON CONFLICT`` insert whose
+    conflicting row is newer than its snapshot, as it is while racers lock the line."""
+    for txn in db.attempts(isolation_level="READ COMMITTED"):
+        with txn as conn:
+            conn.execute(
+                statements.make_line(
+                    line.database_name, line.environment, dialect=conn.dialect.name
+                )
+            )
 
 
 def of(conn: Connection, apply_id: int) -> Line:

@@ -27,6 +27,7 @@ from sqlalchemy import (
     literal,
     select,
 )
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import aliased
 
 from storage import clock
@@ -641,8 +642,14 @@ def reopen_tasks(apply_id: int, *, epoch: int) -> Update:
 # --- lines: one apply per (database, environment) at a time ---------------------------------------
 
 
-def make_line(database_name: str, environment: str) -> Insert:
+def make_line(database_name: str, environment: str, *, dialect: str) -> Insert:
     """Make a line's row if it is missing; a no-op when it exists (so, safe to race)."""
+    if dialect == "postgresql":
+        return (
+            postgresql.insert(apply_lines)
+            .values(database_name=database_name, environment=environment, created_at=clock.now())
+            .on_conflict_do_nothing()
+        )
     return (
         insert_line(database_name, environment)
         .prefix_with("IGNORE", dialect="mysql")
@@ -657,16 +664,27 @@ def insert_line(database_name: str, environment: str) -> Insert:
     )
 
 
-def lock_line(database_name: str, environment: str) -> Select[Any]:
-    """Lock a line until the transaction ends. Taken before any applies row of the line."""
-    return (
-        select(apply_lines.c.database_name)
-        .where(
-            apply_lines.c.database_name == database_name,
-            apply_lines.c.environment == environment,
-        )
-        .with_for_update()
+def lock_line(database_name: str, environment: str, *, dialect: str) -> Select[Any] | Update:
+    """Lock a line until the transaction ends. Taken before any applies row of the line.
+
+    On PostgreSQL the lock is a write that changes nothing: under REPEATABLE READ a transaction
+    keeps the snapshot of its first statement, so one that waited for the line would not see the
+    applies its holder added; a row the holder *wrote* makes the waiter fail to serialize
+    instead, and ``Database.attempts`` runs it again with a fresh snapshot. (A locking read
+    sees the newest committed rows on MySQL/MariaDB; SQLite serializes every writer.)
+    """
+    where = (
+        apply_lines.c.database_name == database_name,
+        apply_lines.c.environment == environment,
     )
+    if dialect == "postgresql":
+        return (
+            apply_lines.update()
+            .where(*where)
+            .values(database_name=apply_lines.c.database_name)
+            .returning(apply_lines.c.database_name)
+        )
+    return select(apply_lines.c.database_name).where(*where).with_for_update()
 
 
 def line_of(apply_id: int) -> Select[Any]:

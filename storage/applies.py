@@ -68,15 +68,16 @@ def create(db: Database, new: NewApply, *, turn_token: str | None = None) -> Cre
     for attempt in (1, 2):
         promoted = None
         try:
-            with db.transaction() as conn:
-                lines.lock(conn, new.line, make=False)
-                apply_id = _insert(conn, new)
-                if new.notify is not None:
-                    notifications._record(conn, apply_id, new.notify)
-                if turn_token is not None:
-                    promoted = lines.promote(conn, new.line, turn_token)
-                if promoted is None or promoted.apply_id != apply_id:
-                    _log_if_behind(conn, new.line, apply_id)
+            for txn in db.attempts():
+                with txn as conn:
+                    lines.lock(conn, new.line, make=False)
+                    apply_id = _insert(conn, new)
+                    if new.notify is not None:
+                        notifications._record(conn, apply_id, new.notify)
+                    if turn_token is not None:
+                        promoted = lines.promote(conn, new.line, turn_token)
+                    if promoted is None or promoted.apply_id != apply_id:
+                        _log_if_behind(conn, new.line, apply_id)
             return Created(apply_id, created=True, promoted=promoted)
         except LineMissing:
             if attempt == 2:

@@ -5,9 +5,12 @@ is ever compared with another's. Every timestamp leasehold writes and every age 
 the store's UTC clock: ``UTC_TIMESTAMP(6)`` on MySQL/MariaDB, never ``NOW()``, which follows the
 session's time zone (``SYSTEM`` on most servers) and so jumps an hour at a daylight-saving
 change: a fall-back would put live heartbeats in the future (dead workers never reclaimed), a
-spring-forward would age every heartbeat by an hour at once (mass false reclaims). SQLite's
-``'now'`` is UTC already. The constructs render at microsecond resolution so that they compare
-correctly with the stored timestamps on each backend.
+spring-forward would age every heartbeat by an hour at once (mass false reclaims). On PostgreSQL
+it is ``statement_timestamp() AT TIME ZONE 'UTC'``: the statement's start, as MySQL's is (``now()``
+is the transaction's start, which would age nothing while a transaction waits for a lock), in
+UTC whatever the session's ``TimeZone``, stored in ``timestamp without time zone`` columns like
+MySQL's ``DATETIME(6)``. SQLite's ``'now'`` is UTC already. The constructs render at
+microsecond resolution so that they compare correctly with the stored timestamps on each backend.
 """
 
 from __future__ import annotations
@@ -73,6 +76,14 @@ def _now_mysql(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
     return "UTC_TIMESTAMP(6)"
 
 
+_PG_NOW = "(statement_timestamp() AT TIME ZONE 'UTC')"
+
+
+@compiles(db_now, "postgresql")
+def _now_postgresql(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
+    return _PG_NOW
+
+
 _SIGN = {"db_now_minus": "-", "db_now_plus": "+"}
 
 
@@ -96,6 +107,14 @@ def _now_shifted_mysql(element: FunctionElement[Any], compiler: SQLCompiler, **k
     return f"UTC_TIMESTAMP(6) {_SIGN[element.name]} INTERVAL {micros} MICROSECOND"
 
 
+@compiles(db_now_minus, "postgresql")
+@compiles(db_now_plus, "postgresql")
+def _now_shifted_postgresql(element: FunctionElement[Any], compiler: SQLCompiler, **kw: Any) -> str:
+    (seconds,) = element.clauses
+    shift = f"CAST({compiler.process(seconds, **kw)} AS DOUBLE PRECISION) * INTERVAL '1 second'"
+    return f"({_PG_NOW} {_SIGN[element.name]} {shift})"
+
+
 @compiles(seconds_since, "sqlite")
 def _since_sqlite(element: seconds_since, compiler: SQLCompiler, **kw: Any) -> str:
     (ts,) = element.clauses
@@ -108,6 +127,13 @@ def _since_mysql(element: seconds_since, compiler: SQLCompiler, **kw: Any) -> st
     (ts,) = element.clauses
     since = compiler.process(ts, **kw)
     return f"(TIMESTAMPDIFF(MICROSECOND, {since}, UTC_TIMESTAMP(6)) / 1000000.0)"
+
+
+@compiles(seconds_since, "postgresql")
+def _since_postgresql(element: seconds_since, compiler: SQLCompiler, **kw: Any) -> str:
+    (ts,) = element.clauses
+    since = compiler.process(ts, **kw)
+    return f"CAST(EXTRACT(EPOCH FROM ({_PG_NOW} - {since})) AS DOUBLE PRECISION)"
 
 
 def now() -> ColumnElement[Any]:

@@ -38,14 +38,15 @@ def request(
     action = ControlAction(action)
     for attempt in range(_INSERT_ATTEMPTS):
         try:
-            with db.transaction() as conn:
-                leasing.read(conn, apply_id)  # ApplyNotFound rather than a foreign-key error
-                result = conn.execute(
-                    statements.insert_control_request(
-                        apply_id, action=action, requested_by=requested_by
+            for txn in db.attempts():
+                with txn as conn:
+                    leasing.read(conn, apply_id)  # ApplyNotFound, not a foreign-key error
+                    result = conn.execute(
+                        statements.insert_control_request(
+                            apply_id, action=action, requested_by=requested_by
+                        )
                     )
-                )
-                (request_id,) = result.inserted_primary_key or (0,)
+                    (request_id,) = result.inserted_primary_key or (0,)
         except StorageIntegrityError:
             for existing in pending(db, apply_id):
                 if existing.action == action:

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import math
+import random
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import TracebackType
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from storage.errors import (
     ConfigurationError,
+    SerializationFailure,
     StorageBusy,
     StorageError,
     StorageIntegrityError,
@@ -30,6 +34,30 @@ _MYSQL_TIMEOUTS = {"connect_timeout": 10, "read_timeout": 60, "write_timeout": 6
 # Lock wait timeout and deadlock: the transaction was rolled back and may simply be retried.
 _MYSQL_BUSY = frozenset({1205, 1213})
 _SQLITE_BUSY_TIMEOUT_MS = 30_000
+# PostgreSQL SQLSTATEs. Busy (rolled back, retry it): serialization failure (REPEATABLE READ met a
+# row changed since its snapshot), deadlock, lock_timeout, a statement cancelled by timeout.
+# Unavailable: class 08 (connection exceptions) and the server shutting down or refusing logins.
+_PG_BUSY = frozenset({"40P01", "55P03", "57014"})
+_PG_SERIALIZATION_FAILURE = "40001"
+# How often ``Database.attempts`` runs a transaction that keeps failing to serialize: each
+# failure means another transaction on the same row committed, so N racers need at most N - 1.
+ATTEMPTS = 64
+_BACKOFF_CAP = 0.05  # seconds
+_PG_UNAVAILABLE_CLASSES = ("08",)
+_PG_UNAVAILABLE = frozenset({"57P01", "57P02", "57P03", "53300", "25P03"})
+# Server-side bounds for every PostgreSQL session (milliseconds): a lock wait ends as InnoDB's
+# does at 50 s (StorageBusy), and the kernel gives up on a peer that stopped acknowledging after
+# 60 s (libpq has no read timeout; a partitioned server would otherwise hang a statement for
+# ever); keepalives find a dead idle peer.
+_PG_LOCK_TIMEOUT_MS = 50_000
+_PG_CONNECT = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,
+}
 
 
 def redact(url: str) -> str:
@@ -73,11 +101,67 @@ class Database:
             with conn.begin():
                 yield conn
 
+    def attempts(self, *, isolation_level: str | None = None) -> Iterator[Attempt]:
+        """Transactions to run one block in until one commits::
+
+            for attempt in db.attempts():
+                with attempt as conn:
+                    ...
+
+        A serialization failure (PostgreSQL under REPEATABLE READ: a row this transaction
+        waited for was changed by the one it waited for) rolls the attempt back and runs the
+        block again with a fresh snapshot, which then sees the change: a lease that moved
+        raises ``LeaseLost`` from the precondition that proves it, never from the failure. Any
+        other error ends the loop. The block must have no effect outside the transaction. The
+        other stores never fail this way: InnoDB's locking reads and SQLite's write lock read
+        the newest committed row.
+        """
+        for number in range(1, ATTEMPTS + 1):
+            attempt = Attempt(self, isolation_level, last=number == ATTEMPTS)
+            yield attempt
+            if not attempt.failed:
+                return
+            # Two transactions that failed each other step apart before the next attempt.
+            time.sleep(random.uniform(0, min(_BACKOFF_CAP, 0.002 * 2**number)))
+
     def dispose(self) -> None:
         self.engine.dispose()
 
     def __repr__(self) -> str:
         return f"Database({redact(str(self.engine.url))})"
+
+
+class Attempt:
+    """One transaction of :meth:`Database.attempts`."""
+
+    def __init__(self, db: Database, isolation_level: str | None, *, last: bool) -> None:
+        self._transaction = db.transaction(isolation_level=isolation_level)
+        self._retry = not last
+        self.failed = False
+
+    def settled(self) -> None:
+        """From here on a failure is raised, not retried: the block has handed out what it
+        holds (``fenced_transaction`` yields its handle to code that cannot be run again)."""
+        self._retry = False
+
+    def __enter__(self) -> Connection:
+        return self._transaction.__enter__()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        try:
+            if self._transaction.__exit__(kind, exc, tb):
+                return True
+        except SerializationFailure:
+            if not self._retry:
+                raise
+            self.failed = True
+            return True
+        if isinstance(exc, SerializationFailure) and self._retry:
+            self.failed = True
+            return True
+        return False
 
 
 def open_database(
@@ -89,14 +173,16 @@ def open_database(
     **engine_kwargs: Any,
 ) -> Database:
     """Create the engine for ``url`` (the configuration's ``LEASEHOLD_DATABASE_URL``; storage
-    has no default of its own). MySQL gets an explicit isolation level (READ COMMITTED unless
-    told otherwise); SQLite gets WAL, a busy timeout and write-locking transactions.
+    has no default of its own). MySQL and PostgreSQL get an explicit isolation level (READ
+    COMMITTED unless told otherwise); SQLite gets WAL, a busy timeout and write-locking
+    transactions.
 
     ``idle_transaction_timeout`` (seconds) makes the server end a session that sits idle inside a
     transaction that long: a worker frozen (SIGSTOP, a long GC pause) inside a fence would
     otherwise keep the apply row locked, and reclaim, which skips locked rows, could never take
     the apply over. Workers pass ``stale_after``: by then a peer may reclaim anyway. MariaDB has
-    ``idle_transaction_timeout``; on MySQL the nearest setting is the session ``wait_timeout``.
+    ``idle_transaction_timeout``; on MySQL the nearest setting is the session ``wait_timeout``;
+    PostgreSQL has ``idle_in_transaction_session_timeout``.
     """
     try:
         parsed = make_url(url)
@@ -105,14 +191,24 @@ def open_database(
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         return Database(_sqlite_engine(url, **engine_kwargs))
-    if backend not in ("mysql", "mariadb"):
+    if backend not in ("mysql", "mariadb", "postgresql"):
         raise ConfigurationError(
-            f"unsupported database {backend!r} in {redact(url)}: use sqlite:// or mysql+mysqldb://"
+            f"unsupported database {backend!r} in {redact(url)}: use sqlite://, "
+            "mysql+mysqldb:// or postgresql+psycopg://"
         )
     level = (isolation_level or "READ COMMITTED").upper()
     if level not in ISOLATION_LEVELS:
         raise ConfigurationError(f"unsupported isolation level {isolation_level!r}")
     connect_args = dict(engine_kwargs.pop("connect_args", {}))
+    if backend == "postgresql":
+        return _postgresql_database(
+            parsed,
+            level=level,
+            pool_size=pool_size,
+            connect_args=connect_args,
+            idle_transaction_timeout=idle_transaction_timeout,
+            **engine_kwargs,
+        )
     if parsed.get_driver_name() == "mysqldb":
         # A partitioned or frozen server must not hang a statement for ever (the driver has no
         # read timeout by default): every store statement is short, and a lock wait ends at
@@ -135,6 +231,56 @@ def open_database(
         raise ConfigurationError(f"cannot use {redact(url)}: {exc}") from exc
     idle = None if idle_transaction_timeout is None else max(1, math.ceil(idle_transaction_timeout))
     _configure_sessions(engine, idle_transaction_timeout=idle)
+    return Database(engine)
+
+
+def _postgresql_database(
+    parsed: URL,
+    *,
+    level: str,
+    pool_size: int,
+    connect_args: dict[str, Any],
+    idle_transaction_timeout: float | None,
+    **engine_kwargs: Any,
+) -> Database:
+    """PostgreSQL through psycopg 3. ``postgresql://`` (SQLAlchemy's default driver there is
+    psycopg2) means psycopg 3, the one leasehold supports; another driver named outright is
+    refused. Every session runs in UTC with a lock timeout, and with
+    ``idle_in_transaction_session_timeout`` when asked (``open_database`` says why)."""
+    driver = parsed.get_driver_name()
+    if "+" not in parsed.drivername:
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    elif driver != "psycopg":
+        raise ConfigurationError(
+            f"unsupported PostgreSQL driver {driver!r} in {redact(str(parsed))}: use "
+            "postgresql+psycopg:// (psycopg 3; pip install 'leasehold[postgres]')"
+        )
+    for key, value in _PG_CONNECT.items():
+        if key not in parsed.query:
+            connect_args.setdefault(key, value)
+    options = [
+        "-c TimeZone=UTC",
+        f"-c lock_timeout={_PG_LOCK_TIMEOUT_MS:d}",
+    ]
+    if idle_transaction_timeout is not None:
+        millis = max(1000, math.ceil(idle_transaction_timeout * 1000))
+        options.append(f"-c idle_in_transaction_session_timeout={millis:d}")
+    if "options" not in parsed.query:
+        connect_args.setdefault("options", " ".join(options))
+    try:
+        engine = create_engine(
+            parsed,
+            isolation_level=level,
+            pool_pre_ping=True,
+            pool_recycle=3600,
+            pool_size=pool_size,
+            connect_args=connect_args,
+            **engine_kwargs,
+        )
+    except (sa_exc.ArgumentError, ImportError) as exc:
+        raise ConfigurationError(
+            f"cannot use {redact(str(parsed))}: {exc} (pip install 'leasehold[postgres]')"
+        ) from exc
     return Database(engine)
 
 
@@ -199,10 +345,17 @@ def translate_errors() -> Iterator[None]:
 
 def classify(exc: sa_exc.DBAPIError) -> StorageError:
     code = _mysql_code(exc)
+    sqlstate = getattr(exc.orig, "sqlstate", None)  # psycopg's; None for the other drivers
     message = str(exc.orig) if exc.orig is not None else str(exc)
     if exc.connection_invalidated or code in _MYSQL_UNAVAILABLE:
         return StorageUnavailable(f"database unavailable: {message}")
-    if code in _MYSQL_BUSY:
+    if isinstance(sqlstate, str) and (
+        sqlstate in _PG_UNAVAILABLE or sqlstate.startswith(_PG_UNAVAILABLE_CLASSES)
+    ):
+        return StorageUnavailable(f"database unavailable: {message}")
+    if sqlstate == _PG_SERIALIZATION_FAILURE:
+        return SerializationFailure(f"database busy: {message}")
+    if code in _MYSQL_BUSY or sqlstate in _PG_BUSY:
         return StorageBusy(f"database busy: {message}")
     if isinstance(exc, sa_exc.IntegrityError):
         return StorageIntegrityError(f"constraint violated: {message}")
@@ -210,9 +363,17 @@ def classify(exc: sa_exc.DBAPIError) -> StorageError:
         lowered = message.lower()
         if "locked" in lowered or "busy" in lowered:
             return StorageBusy(f"database busy: {message}")
+        if sqlstate is None and _is_psycopg(exc):
+            # psycopg raises OperationalError without a SQLSTATE when no server answers (refused,
+            # timed out, the connection lost mid-statement).
+            return StorageUnavailable(f"database unavailable: {message}")
         if "unable to open" in lowered or "disk i/o" in lowered:
             return StorageUnavailable(f"database unavailable: {message}")
     return StorageError(f"database error: {message}")
+
+
+def _is_psycopg(exc: sa_exc.DBAPIError) -> bool:
+    return type(exc.orig).__module__.startswith("psycopg")
 
 
 def _mysql_code(exc: sa_exc.DBAPIError) -> int | None:

@@ -137,6 +137,11 @@ class StorageBusy(StorageError):
     """A lock wait timed out or a deadlock was broken. Retry the whole transaction."""
 
 
+class SerializationFailure(StorageBusy):
+    """PostgreSQL under REPEATABLE READ: the transaction waited for a row that another one then
+    changed, and was rolled back. ``Database.attempts`` runs it again with a fresh snapshot."""
+
+
 class StorageIntegrityError(StorageError):
     """A constraint was violated (a duplicate, a dangling reference)."""
 

@@ -9,6 +9,7 @@ REPEATABLE READ and READ COMMITTED alike.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -83,17 +84,22 @@ def fenced_transaction(
     apply (:func:`finish`), which passes its line's turn on, so the line is locked first (the
     lock order is a line, then its applies).
     """
-    with db.transaction() as conn:
-        line = None
-        if finishing:
-            line = lines.of(conn, apply_id)  # an unlocked read: an apply never changes its line
-            lines.lock(conn, line)
-        leasing.fence(conn, apply_id, epoch, token)
-        handle = Fenced(conn, apply_id, epoch, token, line=line, _proof=_PROOF)
-        try:
-            yield handle
-        finally:
-            handle._close()
+    for txn in db.attempts():
+        with txn as conn:
+            line = None
+            if finishing:
+                line = lines.of(conn, apply_id)  # unlocked: an apply never changes its line
+                lines.lock(conn, line)
+            # Under PostgreSQL's REPEATABLE READ a fence that waited for a rotation fails to
+            # serialize: it is run again (nothing was written), and the fresh snapshot proves
+            # the lease lost or current. Once the handle is out, nothing is run again.
+            leasing.fence(conn, apply_id, epoch, token)
+            txn.settled()
+            handle = Fenced(conn, apply_id, epoch, token, line=line, _proof=_PROOF)
+            try:
+                yield handle
+            finally:
+                handle._close()
 
 
 def set_apply_state(fx: Fenced, state: ApplyState, *, error: str | None = None) -> None:
@@ -117,11 +123,22 @@ def update_task(fx: Fenced, task_id: int, **values: Any) -> None:
         # bool is an int subclass; None would only fail later, as a NOT NULL violation.
         if isinstance(progress, bool) or not (isinstance(progress, int) and 0 <= progress <= 100):
             raise InvalidInput(f"progress must be an int from 0 to 100, not {progress!r}")
+    if "checkpoint" in values:
+        _check_json("checkpoint", values["checkpoint"])
     result = fx._connection().execute(
         statements.update_task(fx.apply_id, task_id, epoch=fx.epoch, values=values)
     )
     if result.rowcount != 1:
         raise RowNotFound(f"apply {fx.apply_id} has no apply task {task_id}")
+
+
+def _check_json(name: str, value: object) -> None:
+    """Refuse what the store cannot keep as JSON before anything is written: each driver fails
+    its own way on it (psycopg raises a bare ``TypeError``; NaN is no JSON to PostgreSQL)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"{name} must be JSON: {exc}") from exc
 
 
 def start_task(fx: Fenced, task_id: int) -> None:

@@ -139,12 +139,14 @@ def _store_lock(conn: Connection, db: Database, timeout: float) -> Iterator[None
     elif dialect in ("mysql", "mariadb"):
         with _mysql_user_lock(conn, db, timeout), conn.begin():
             yield
+    elif dialect == "postgresql":
+        # PostgreSQL's DDL is transactional: the whole upgrade commits or none of it.
+        with _postgresql_advisory_lock(conn, db, timeout), conn.begin():
+            yield
     else:
-        # PostgreSQL, when it comes, gets its own lock here: pg_advisory_lock on this connection
-        # (session level, keyed by a hash of the lock name), released with pg_advisory_unlock.
         raise ConfigurationError(
             f"cannot migrate {redact(str(db.engine.url))}: no migration lock for the {dialect!r} "
-            "dialect; use sqlite:// or mysql+mysqldb://"
+            "dialect; use sqlite://, mysql+mysqldb:// or postgresql+psycopg://"
         )
 
 
@@ -210,6 +212,48 @@ def _mysql_user_lock(conn: Connection, db: Database, timeout: float) -> Iterator
         yield
     finally:
         _release_user_lock(conn, name)
+
+
+def advisory_lock_key(name: str) -> int:
+    """The signed 64-bit key of PostgreSQL's advisory lock called ``name`` (advisory locks are
+    numbers; they are scoped to the database the session is connected to)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+@contextmanager
+def _postgresql_advisory_lock(conn: Connection, db: Database, timeout: float) -> Iterator[None]:
+    """A session-level advisory lock held by this connection: released by
+    ``pg_advisory_unlock`` or by the end of the session, never by a commit. The wait is bounded
+    by a ``lock_timeout`` set for it alone."""
+    where = redact(str(db.engine.url))
+    key = advisory_lock_key(LOCK_PREFIX + "store")
+    millis = str(max(1, math.ceil(timeout * 1000)))
+    conn.execute(text("SELECT set_config('lock_timeout', :ms, false)"), {"ms": millis})
+    try:
+        conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+    except sa_exc.DBAPIError as exc:
+        conn.rollback()
+        if isinstance(classify(exc), StorageBusy):
+            raise SchemaError(
+                f"timed out after {timeout:g} seconds waiting for the migration lock of {where}: "
+                "another `leasehold migrate` held it all that time; run `leasehold migrate` "
+                "again when it has finished"
+            ) from exc
+        raise
+    finally:
+        if not conn.invalidated:
+            conn.execute(text("RESET lock_timeout"))  # the session's own (open_database's)
+            conn.commit()
+    try:
+        yield
+    finally:
+        try:
+            if conn.in_transaction():
+                conn.rollback()
+            conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+            conn.commit()
+        except sa_exc.SQLAlchemyError:
+            conn.invalidate()  # never pool a session that may still hold the lock
 
 
 def _release_user_lock(conn: Connection, name: str) -> None:

@@ -35,7 +35,16 @@ from storage.errors import InvalidTransition, LeaseLost
 from storage.states import TERMINAL_APPLY_STATES, WAITING_STATES, ApplyState
 from storage.tables import applies, apply_logs, apply_tasks
 from tests import support
-from tests.races import JOIN, POLL, SETTLE, Tap, Worker, in_driver_call, innodb_transactions
+from tests.races import (
+    JOIN,
+    POLL,
+    SETTLE,
+    Tap,
+    Worker,
+    in_driver_call,
+    raw_connection_id,
+    waits_for,
+)
 
 WORKERS: Final = ("w1", "w2", "w3")
 # Applies and their lines: two share a line (taking turns), one has a line of its own.
@@ -140,24 +149,9 @@ class RotateBeforeNextStatement:
             raw = conn.connection.dbapi_connection
             holding = bool(getattr(raw, "in_transaction", False))
             return holding and in_driver_call(self.rotation.thread, "BEGIN IMMEDIATE")
-        raw = conn.connection.dbapi_connection
-        assert raw is not None
-        cursor = raw.cursor()
-        try:
-            cursor.execute("SELECT CONNECTION_ID()")
-            found = cursor.fetchone()
-        finally:
-            cursor.close()
-        assert found is not None
-        holder = int(found[0])
-        table = f"`{self.observer.engine.url.database}`.`applies`"
-        now = innodb_transactions(self.observer)
-        if holder not in now or not now[holder].active:
-            return False
-        return any(
-            now[cid].waiting_for == table
-            for cid in self.tap.connection_ids(self.rotation.thread)
-            if cid in now
+        holder = raw_connection_id(conn)
+        return waits_for(
+            self.observer, holder, self.tap.connection_ids(self.rotation.thread), "applies"
         )
 
     def _settle(self, conn: Connection) -> str:

@@ -3,6 +3,9 @@ connection waits for another's open transaction (``tests/contract/test_races.py`
 
 - MySQL/MariaDB: ``SHOW ENGINE INNODB STATUS`` shows the acting connection's transaction in
   ``LOCK WAIT`` for a lock on a given table of the test database while the holder's is open.
+- PostgreSQL: ``pg_stat_activity`` shows the acting backend waiting for a lock, ``pg_locks`` the
+  table of the row (the tuple lock it queues on), and ``pg_blocking_pids()`` names the holder's
+  backend among those it waits for, while the holder's transaction is open.
 - SQLite: the acting thread is inside the driver call executing ``BEGIN IMMEDIATE`` (its
   innermost Python frame), so it is in SQLite's busy handler behind the holder's write lock.
 """
@@ -23,6 +26,21 @@ from sqlalchemy import Connection, event, text
 from storage.database import Database
 
 T = TypeVar("T")
+
+# Every race test runs on each store under each isolation level a deployment may run at (the
+# store's engine sets READ COMMITTED; REPEATABLE READ is what a server left at its default, or a
+# future change, would give). SQLite has one level: the database write lock.
+ISOLATIONS = pytest.mark.parametrize(
+    ("backend_url", "isolation"),
+    [
+        pytest.param("sqlite", None, id="sqlite"),
+        pytest.param("mysql", "REPEATABLE READ", id="mysql-RR"),
+        pytest.param("mysql", "READ COMMITTED", id="mysql-RC"),
+        pytest.param("postgres", "REPEATABLE READ", id="postgres-RR"),
+        pytest.param("postgres", "READ COMMITTED", id="postgres-RC"),
+    ],
+    indirect=["backend_url"],
+)
 
 POLL = 10.0  # how long a poll waits for an expected lock wait before failing the test
 JOIN = 20.0  # how long a thread may take to finish once nothing should block it
@@ -109,9 +127,14 @@ def wait_until(
         time.sleep(interval)
 
 
+def _id_query(dialect: str) -> str:
+    return "SELECT pg_backend_pid()" if dialect == "postgresql" else "SELECT CONNECTION_ID()"
+
+
 def connection_id(conn: Connection) -> int:
-    """MySQL's ``CONNECTION_ID()`` of ``conn``: the name INNODB_TRX gives its transaction."""
-    return int(conn.execute(text("SELECT CONNECTION_ID()")).scalar_one())
+    """MySQL's ``CONNECTION_ID()`` of ``conn`` (the name InnoDB gives its transaction), or
+    PostgreSQL's backend pid."""
+    return int(conn.execute(text(_id_query(conn.dialect.name))).scalar_one())
 
 
 def holder_id(db: Database, conn: Connection) -> int | None:
@@ -123,10 +146,11 @@ _CID = "race_tests_connection_id"
 
 class Tap:
     """Records, just before each statement a Database executes, the thread executing it and (on
-    MySQL) the ``CONNECTION_ID()`` of the connection executing it."""
+    MySQL and PostgreSQL) the id of the connection executing it (``connection_id``)."""
 
     def __init__(self, db: Database) -> None:
-        self._mysql = not db.is_sqlite
+        self._server = not db.is_sqlite
+        self._id_query = _id_query(db.dialect)
         self._lock = threading.Lock()
         self.executed: list[tuple[int, str, int | None]] = []
         event.listen(db.engine, "before_cursor_execute", self._before)
@@ -141,13 +165,13 @@ class Tap:
         executemany: bool,
     ) -> None:
         cid: int | None = None
-        if self._mysql:
+        if self._server:
             cid = conn.info.get(_CID)
             if cid is None:
                 raw = conn.connection.dbapi_connection
                 assert raw is not None
                 probe = raw.cursor()
-                probe.execute("SELECT CONNECTION_ID()")
+                probe.execute(self._id_query)
                 found = probe.fetchone()
                 probe.close()
                 assert found is not None
@@ -161,17 +185,65 @@ class Tap:
 
 
 @dataclass(frozen=True)
-class InnoDbTransaction:
+class Transaction:
     connection_id: int
     active: bool  # begun and not yet committed or rolled back
     waiting_for: str | None  # `db`.`table` of the lock it waits for; None if it is not waiting
+    # PostgreSQL: the backends it waits for (pg_blocking_pids); None where the server cannot say.
+    blocked_by: frozenset[int] | None = None
+
+
+def transactions(observer: Database) -> dict[int, Transaction]:
+    """Every open transaction of the observed server right now, by connection id."""
+    if observer.dialect == "postgresql":
+        return postgres_transactions(observer)
+    return innodb_transactions(observer)
+
+
+def table_id(observer: Database, table: str) -> str:
+    """How ``Transaction.waiting_for`` names ``table`` of the observed database."""
+    return f"`{observer.engine.url.database}`.`{table}`"
+
+
+_PG_TRANSACTIONS = text(
+    """
+    SELECT a.pid,
+           a.xact_start IS NOT NULL AS active,
+           a.wait_event_type = 'Lock' AS waiting,
+           pg_blocking_pids(a.pid) AS blocked_by,
+           (SELECT c.relname FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+             WHERE l.pid = a.pid AND l.locktype = 'tuple' LIMIT 1) AS tuple_table
+      FROM pg_stat_activity a
+     WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
+    """
+)
+
+
+def postgres_transactions(observer: Database) -> dict[int, Transaction]:
+    """PostgreSQL's sessions on the test database. A backend waiting for a row holds (or queues
+    for) the tuple lock of that row, which names the table, and waits for the holder's
+    transaction id; ``pg_blocking_pids`` names the holder."""
+    found: dict[int, Transaction] = {}
+    database = observer.engine.url.database
+    with observer.engine.connect() as conn:
+        for row in conn.execute(_PG_TRANSACTIONS):
+            waiting = None
+            if row.waiting:
+                waiting = f"`{database}`.`{row.tuple_table or '?'}`"
+            found[int(row.pid)] = Transaction(
+                int(row.pid),
+                active=bool(row.active),
+                waiting_for=waiting,
+                blocked_by=frozenset(int(pid) for pid in row.blocked_by),
+            )
+    return found
 
 
 _TRX_THREAD = re.compile(r"(?:MariaDB|MySQL) thread id (\d+)")
 _TRX_WAITING_FOR = re.compile(r"FOR THIS LOCK TO BE GRANTED:\n[^\n]*? of table (`[^`]+`\.`[^`]+`)")
 
 
-def innodb_transactions(observer: Database) -> dict[int, InnoDbTransaction]:
+def innodb_transactions(observer: Database) -> dict[int, Transaction]:
     """Every InnoDB transaction right now, by connection id, from ``SHOW ENGINE INNODB STATUS``.
 
     Not ``information_schema.INNODB_TRX``/``INNODB_LOCK_WAITS``: InnoDB serves those from a cache
@@ -180,18 +252,62 @@ def innodb_transactions(observer: Database) -> dict[int, InnoDbTransaction]:
     each call."""
     with observer.engine.connect() as conn:
         status = str(conn.execute(text("SHOW ENGINE INNODB STATUS")).one()[2])
-    found: dict[int, InnoDbTransaction] = {}
+    found: dict[int, Transaction] = {}
     for block in status.split("\n---TRANSACTION ")[1:]:
         thread = _TRX_THREAD.search(block)
         if thread is None:
             continue
         waiting = _TRX_WAITING_FOR.search(block) if "\nLOCK WAIT " in block else None
-        found[int(thread[1])] = InnoDbTransaction(
+        found[int(thread[1])] = Transaction(
             int(thread[1]),
             active=" ACTIVE " in block.split("\n", 1)[0],
             waiting_for=None if waiting is None else waiting[1],
         )
     return found
+
+
+def waits_for(observer: Database, holder: int, waiters: set[int], table: str) -> bool:
+    """One of the connections ``waiters`` waits for a lock on a row of ``table`` while
+    connection ``holder``'s transaction is open (and, where the server can say, for it)."""
+    now = transactions(observer)
+    if holder not in now or not now[holder].active:
+        return False  # the holder's transaction must still be open
+    wanted = table_id(observer, table)
+    for cid in waiters:
+        seen = now.get(cid)
+        if seen is None or seen.waiting_for != wanted:
+            continue
+        if seen.blocked_by is None or holder in _waits_behind(now, cid):
+            return True
+    return False
+
+
+def _waits_behind(now: dict[int, Transaction], cid: int) -> set[int]:
+    """Every connection ``cid`` waits for, directly or through others: a second waiter for a
+    PostgreSQL row queues behind the first (its tuple lock), which waits for the holder."""
+    found: set[int] = set()
+    todo = [cid]
+    while todo:
+        seen = now.get(todo.pop())
+        for other in (seen.blocked_by or ()) if seen is not None else ():
+            if other not in found:
+                found.add(other)
+                todo.append(other)
+    return found
+
+
+def raw_connection_id(conn: Connection) -> int:
+    """``connection_id`` of ``conn``, read on its DB-API connection (no engine events fire)."""
+    raw = conn.connection.dbapi_connection
+    assert raw is not None
+    cursor = raw.cursor()
+    try:
+        cursor.execute(_id_query(conn.dialect.name))
+        found = cursor.fetchone()
+    finally:
+        cursor.close()
+    assert found is not None
+    return int(found[0])
 
 
 _DRIVER_CALLS = frozenset({"do_execute", "do_execute_no_params"})
@@ -216,8 +332,8 @@ def prove_blocked(
     what: str,
     table: str = "applies",
 ) -> None:
-    """Prove that ``worker`` waits for the open transaction of connection ``holder`` (on MySQL,
-    for a lock on a row of ``table``)."""
+    """Prove that ``worker`` waits for the open transaction of connection ``holder`` (on MySQL
+    and PostgreSQL, for a lock on a row of ``table``; PostgreSQL also names the holder)."""
     if observer.is_sqlite:
         # The holder has the write lock; BEGIN IMMEDIATE cannot return until it is released.
         wait_until(
@@ -226,21 +342,10 @@ def prove_blocked(
         )
     else:
         assert holder is not None
-        applies_table = f"`{observer.engine.url.database}`.`{table}`"
-
-        def waiting() -> bool:
-            now = innodb_transactions(observer)
-            if holder not in now or not now[holder].active:
-                return False  # the holder's transaction must still be open
-            return any(
-                now[cid].waiting_for == applies_table
-                for cid in tap.connection_ids(worker.thread)
-                if cid in now
-            )
-
+        applies_table = table_id(observer, table)
         wait_until(
-            waiting,
-            f"InnoDB shows {what} in LOCK WAIT on a row of {applies_table}"
+            lambda: waits_for(observer, holder, tap.connection_ids(worker.thread), table),
+            f"the server shows {what} in a lock wait on a row of {applies_table}"
             f" while connection {holder}'s transaction is open",
         )
     assert not worker.finished_within(SETTLE), f"{what} finished although it should be blocked"

@@ -11,11 +11,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, select, text, update
+from sqlalchemy import Connection, select, update
 
 from leases import Lease, ReclaimPolicy, dispatch, fence, mint_token, redeem
 from storage import applies as applies_repo
-from storage import fenced
+from storage import clock, fenced
 from storage.database import Database
 from storage.fenced import Fenced
 from storage.states import ApplyState
@@ -156,22 +156,18 @@ def running_lease(db: Database, *, tasks: int = 2, owner: str = "worker-1") -> L
 def age_heartbeat(db: Database, apply_id: int, seconds: float) -> None:
     """Move heartbeat_at ``seconds`` into the past by the database clock (no sleeping)."""
     applies = metadata.tables["applies"]
-    if db.is_sqlite:
-        value: Any = text(f"strftime('%Y-%m-%d %H:%M:%f000', 'now', '-{float(seconds)} seconds')")
-    else:
-        value = text(f"UTC_TIMESTAMP(6) - INTERVAL {int(seconds * 1_000_000)} MICROSECOND")
     with db.transaction() as conn:
-        conn.execute(update(applies).where(applies.c.id == apply_id).values(heartbeat_at=value))
+        conn.execute(
+            update(applies)
+            .where(applies.c.id == apply_id)
+            .values(heartbeat_at=clock.now_minus(float(seconds)))
+        )
 
 
 def age_mark(db: Database, name: str, seconds: float | None) -> None:
     """Move a mark ``seconds`` into the past by the database clock; None: it never ran."""
     marks = metadata.tables["marks"]
-    value: Any = None
-    if seconds is not None and db.is_sqlite:
-        value = text(f"strftime('%Y-%m-%d %H:%M:%f000', 'now', '-{float(seconds)} seconds')")
-    elif seconds is not None:
-        value = text(f"UTC_TIMESTAMP(6) - INTERVAL {int(seconds * 1_000_000)} MICROSECOND")
+    value: Any = None if seconds is None else clock.now_minus(float(seconds))
     with db.transaction() as conn:
         conn.execute(update(marks).where(marks.c.name == name).values(at=value))
 
@@ -206,7 +202,7 @@ def insert_control_request(
 ) -> int:
     """A control request row, written directly (recording requests belongs to a later issue)."""
     control_requests = metadata.tables["control_requests"]
-    now = text("CURRENT_TIMESTAMP")
+    now = clock.now()
     with db.transaction() as conn:
         result = conn.execute(
             control_requests.insert().values(
@@ -245,10 +241,7 @@ def make_due(db: Database, *apply_ids: int) -> None:
     """Make the owed publications of ``apply_ids`` due now and unclaimed (as time passing
     would), without sleeping through their backoff."""
     table = metadata.tables["publications"]
-    if db.is_sqlite:
-        value: Any = text("strftime('%Y-%m-%d %H:%M:%f000', 'now', '-1 seconds')")
-    else:
-        value = text("UTC_TIMESTAMP(6) - INTERVAL 1 SECOND")
+    value = clock.now_minus(1.0)
     with db.transaction() as conn:
         conn.execute(
             update(table)

@@ -28,20 +28,10 @@ from storage.states import ApplyState, ControlState
 from tasks import service
 from tests import support
 from tests.celery_fixtures import SentLeases
-from tests.races import Spawn, Tap, holder_id, prove_blocked
+from tests.races import ISOLATIONS, Spawn, Tap, holder_id, prove_blocked
 
 OpenDb = Callable[..., Database]
 THREADS = 16
-
-ISOLATIONS = pytest.mark.parametrize(
-    ("backend_url", "isolation"),
-    [
-        pytest.param("sqlite", None, id="sqlite"),
-        pytest.param("mysql", "REPEATABLE READ", id="mysql-RR"),
-        pytest.param("mysql", "READ COMMITTED", id="mysql-RC"),
-    ],
-    indirect=["backend_url"],
-)
 
 
 def new(database: str) -> NewApply:

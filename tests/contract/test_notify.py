@@ -16,7 +16,7 @@ from sqlalchemy import text, update
 
 import leases
 from leases import redeem
-from storage import applies, notifications
+from storage import applies, clock, notifications
 from storage.applies import NewApply, NewTask
 from storage.database import Database
 from storage.errors import InvalidInput
@@ -82,11 +82,7 @@ def notification(db: Database, apply_id: int) -> dict[str, Any]:
 def age_claim(db: Database, apply_id: int, seconds: float) -> None:
     """Move the notification's claim ``seconds`` into the past by the database clock."""
     table = metadata.tables["notifications"]
-    value: Any
-    if db.is_sqlite:
-        value = text(f"strftime('%Y-%m-%d %H:%M:%f000', 'now', '-{float(seconds)} seconds')")
-    else:
-        value = text(f"UTC_TIMESTAMP(6) - INTERVAL {int(seconds * 1_000_000)} MICROSECOND")
+    value = clock.now_minus(float(seconds))
     with db.transaction() as conn:
         conn.execute(update(table).where(table.c.apply_id == apply_id).values(claimed_at=value))
 

@@ -49,6 +49,7 @@ from storage.states import ApplyState
 from storage.tables import applies, apply_tasks
 from tests import support
 from tests.races import (
+    ISOLATIONS,
     JOIN,
     POLL,
     Spawn,
@@ -56,8 +57,8 @@ from tests.races import (
     Worker,
     connection_id,
     holder_id,
-    innodb_transactions,
     prove_blocked,
+    transactions,
     wait_until,
 )
 
@@ -65,16 +66,6 @@ T = TypeVar("T")
 OpenDb = Callable[..., Database]
 
 THREADS = 16
-
-ISOLATIONS = pytest.mark.parametrize(
-    ("backend_url", "isolation"),
-    [
-        pytest.param("sqlite", None, id="sqlite"),
-        pytest.param("mysql", "REPEATABLE READ", id="mysql-RR"),
-        pytest.param("mysql", "READ COMMITTED", id="mysql-RC"),
-    ],
-    indirect=["backend_url"],
-)
 
 
 # --- reading what was written ---------------------------------------------------------------------
@@ -86,7 +77,7 @@ def returned_without_waiting(observer: Database, worker: Worker[T], tap: Tap, *,
     waits fails the test as soon as the wait is seen, not after a timeout."""
 
     def waiting() -> list[str]:
-        now = innodb_transactions(observer)
+        now = transactions(observer)
         return [
             str(now[cid].waiting_for)
             for cid in tap.connection_ids(worker.thread)

@@ -115,24 +115,36 @@ def test_reclaim_rotates_running_to_dispatched_and_logs_in_the_same_transaction(
 def refuse_log_event(db: Database, event: str) -> Iterator[None]:
     """A trigger that makes the database refuse one kind of log line: a real failure between the
     rotation and its log, without mocks."""
+    drop = ["DROP TRIGGER IF EXISTS refuse_log"]
     if db.is_sqlite:
-        create = (
+        create = [
             "CREATE TRIGGER refuse_log BEFORE INSERT ON apply_logs "
             f"WHEN NEW.event = '{event}' BEGIN SELECT RAISE(ABORT, 'refused by test'); END"
-        )
+        ]
+    elif db.dialect == "postgresql":
+        create = [
+            "CREATE FUNCTION refuse_log() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF NEW.event = '{event}' THEN RAISE EXCEPTION 'refused by test'; END IF; "
+            "RETURN NEW; END $$",
+            "CREATE TRIGGER refuse_log BEFORE INSERT ON apply_logs FOR EACH ROW "
+            "EXECUTE FUNCTION refuse_log()",
+        ]
+        drop = ["DROP TRIGGER IF EXISTS refuse_log ON apply_logs", "DROP FUNCTION refuse_log()"]
     else:
-        create = (
+        create = [
             "CREATE TRIGGER refuse_log BEFORE INSERT ON apply_logs FOR EACH ROW BEGIN "
             f"IF NEW.event = '{event}' THEN "
             "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'refused by test'; END IF; END"
-        )
+        ]
     with db.transaction() as conn:
-        conn.exec_driver_sql(create)
+        for statement in create:
+            conn.exec_driver_sql(statement)
     try:
         yield
     finally:
         with db.transaction() as conn:
-            conn.exec_driver_sql("DROP TRIGGER IF EXISTS refuse_log")
+            for statement in drop:
+                conn.exec_driver_sql(statement)
 
 
 def test_rotation_and_its_log_commit_together(db: Database) -> None:

@@ -223,7 +223,10 @@ def stack_settings(kind: str, folder: Path) -> AbstractContextManager[dict[str, 
     return _sqlite_stack(folder)
 
 
-@pytest.fixture(scope="module", params=["redis", "postgres", "rabbitmq", "sqlite"])
+@pytest.fixture(
+    scope="module",
+    params=["redis", "postgres", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq), "sqlite"],
+)
 def stack(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:

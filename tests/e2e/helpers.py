@@ -651,6 +651,21 @@ def stale_behind_a_table_lock(stack: Stack, apply_ids: Iterable[int], age: float
             conn.close()
         return
     raw = stack.db.engine.raw_connection()
+    if stack.db.dialect == "postgresql":
+        try:
+            cursor = raw.cursor()
+            # One transaction: the table lock (readers wait too) and the aged heartbeats, which
+            # every waiting pass then sees at once when it commits.
+            cursor.execute("LOCK TABLE applies IN ACCESS EXCLUSIVE MODE")
+            cursor.execute(
+                "UPDATE applies SET heartbeat_at = (statement_timestamp() AT TIME ZONE 'UTC') - "
+                f"{float(age)} * INTERVAL '1 second' WHERE id IN ({ids})"
+            )
+            yield
+            raw.commit()
+        finally:
+            raw.close()
+        return
     try:
         cursor = raw.cursor()
         cursor.execute("LOCK TABLES applies WRITE")

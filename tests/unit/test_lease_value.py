@@ -43,8 +43,9 @@ def test_minted_tokens_have_the_lease_shape_and_differ() -> None:
 
 
 def test_largest_ids_are_accepted() -> None:
-    big = 2**63 - 1
-    assert Lease.from_json({"apply_id": big, "epoch": big, "token": TOKEN}).epoch == big
+    big, epoch = 2**63 - 1, 2**31 - 1  # BIGINT ids, INT epochs on every store
+    lease = Lease.from_json({"apply_id": big, "epoch": epoch, "token": TOKEN})
+    assert (lease.apply_id, lease.epoch) == (big, epoch)
 
 
 def _with(**changes: Any) -> dict[str, Any]:
@@ -77,6 +78,8 @@ BAD_PAYLOADS: list[tuple[str, object]] = [
     ("zero apply_id", _with(apply_id=0)),
     ("negative apply_id", _with(apply_id=-7)),
     ("apply_id beyond BIGINT", _with(apply_id=2**63)),
+    ("epoch beyond INT", _with(epoch=2**31)),
+    ("epoch far beyond INT", _with(epoch=2**62)),
     ("token too short", _with(token=TOKEN[:-1])),
     ("token too long", _with(token=TOKEN + "0")),
     ("token empty", _with(token="")),
