@@ -9,14 +9,22 @@ Two writes, as the worker makes them:
 - log: a log append (``storage.fenced.append_log`` against ``statements.append_log``).
 
 Each is also timed in the single-statement fenced shape of DESIGN.md ("The fence"): a multi-table
-``UPDATE apply_tasks, applies ... WHERE applies.lease_token = ...`` and an ``INSERT apply_logs
-SELECT ... FROM applies WHERE lease_token = ... LOCK IN SHARE MODE``. Those shapes are written
+``UPDATE apply_tasks, applies ... WHERE applies.lease_token = ...`` (PostgreSQL: ``UPDATE
+apply_tasks ... WHERE EXISTS (SELECT ... FROM applies WHERE lease_token = ... FOR SHARE)``, since
+its ``UPDATE ... FROM`` does not lock the joined row) and an ``INSERT apply_logs SELECT ... FROM
+applies WHERE lease_token = ... LOCK IN SHARE MODE`` (``FOR SHARE``). Those shapes are written
 here, not in ``storage``: they are measured for the trade-off, not used.
 
-The last line is ``fence_overhead_ratio_mariadb=<x>``: the *worse* of the two writes' ratios
-(median fenced / median plain) on MariaDB, or ``unavailable`` when no server answers.
+The stores (MariaDB, PostgreSQL, SQLite by default) are measured one after the other in the same
+run, with the same workload; every ratio is within one store. A store that does not answer gets
+a ``SKIPPED, NOT MEASURED`` line and ``unavailable`` figures; the others are still measured.
 
-Run: ``.venv/bin/python bench/fence_overhead.py [--iterations N] [--backends mariadb,sqlite]``.
+The last line is ``fence_overhead_ratio_<store>=<x>`` for each store asked for (``mariadb`` first,
+the key scripts know): the *worse* of the two writes' ratios (median fenced / median plain) on
+that store, or ``unavailable`` when it does not answer.
+
+Run: ``.venv/bin/python bench/fence_overhead.py [--iterations N]
+[--backends mariadb,postgres,sqlite]``.
 """
 
 from __future__ import annotations
@@ -36,13 +44,13 @@ import leases
 from leases import Lease
 from storage import _statements as statements
 from storage import clock, fenced
-from storage.database import Database, open_database
-from storage.errors import LeaseLost
+from storage.database import Database
+from storage.errors import LeaseLost, StorageUnavailable
 from storage.states import ApplyState
 from storage.tables import applies, apply_logs, apply_tasks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import _common
+from bench import _common, _stores
 
 WRITES = ("progress", "log")
 SHAPES = ("plain", "fenced", "single")
@@ -56,10 +64,33 @@ SHAPE_DOC = {
 # --- the single-statement fenced shapes (measured, not used by leasehold) ------------------------
 
 
-def single_update_task(lease: Lease, task_id: int, progress: int) -> Update:
+def single_update_task(lease: Lease, task_id: int, progress: int, *, postgres: bool) -> Update:
     """``UPDATE apply_tasks, applies SET ... WHERE ... applies.lease_token = :token`` (MySQL) or
     ``UPDATE apply_tasks SET ... FROM applies WHERE ...`` (SQLite): the lease check and the write
-    in one statement, which locks the apply row it reads on InnoDB."""
+    in one statement, which locks the apply row it reads on InnoDB.
+
+    PostgreSQL's ``UPDATE ... FROM applies`` locks only the target row, and under READ COMMITTED
+    it re-checks the joined apply row as it was, not its newest version: not a fence. There the
+    shape is ``UPDATE apply_tasks ... WHERE EXISTS (SELECT 1 FROM applies WHERE ... FOR SHARE)``,
+    whose locking sub-select waits for a rotation in flight and re-checks the newest row."""
+    if postgres:
+        guard = (
+            select(literal(1))
+            .select_from(applies)
+            .where(
+                applies.c.id == apply_tasks.c.apply_id,
+                applies.c.id == lease.apply_id,
+                applies.c.lease_token == lease.token,
+                applies.c.lease_epoch == lease.epoch,
+                applies.c.state == ApplyState.RUNNING,
+            )
+            .with_for_update(read=True)
+        )
+        return (
+            apply_tasks.update()
+            .where(apply_tasks.c.id == task_id, guard.exists())
+            .values({apply_tasks.c.progress: progress, apply_tasks.c.lease_epoch: lease.epoch})
+        )
     return (
         apply_tasks.update()
         .where(
@@ -112,6 +143,10 @@ class Workload:
     task_id: int
     _counter: int = 0
 
+    @property
+    def postgres(self) -> bool:
+        return _stores.is_postgres(self.db)
+
     def _next(self) -> int:
         self._counter += 1
         return self._counter
@@ -133,7 +168,9 @@ class Workload:
     def progress_single(self) -> None:
         progress = self._next() % 101
         with self.db.transaction() as conn:
-            result = conn.execute(single_update_task(self.lease, self.task_id, progress))
+            result = conn.execute(
+                single_update_task(self.lease, self.task_id, progress, postgres=self.postgres)
+            )
             _expect_one(result.rowcount, self.lease)
 
     def log_plain(self) -> None:
@@ -157,7 +194,12 @@ class Workload:
     def log_single(self) -> None:
         message = f"bench line {self._next()}"
         with self.db.transaction() as conn:
-            result = conn.execute(single_append_log(self.lease, message))
+            # The rowcount of an INSERT is kept only when asked for (psycopg's is gone with
+            # the closed cursor otherwise); SQLAlchemy keeps an UPDATE's anyway.
+            result = conn.execute(
+                single_append_log(self.lease, message),
+                execution_options={"preserve_rowcount": True},
+            )
             _expect_one(result.rowcount, self.lease)
 
     def operation(self, write: str, shape: str) -> Callable[[], None]:
@@ -232,15 +274,20 @@ def driver_level(db: Database, lease: Lease, task_id: int, iterations: int) -> d
     is leasehold's own statements compiled once, so only the round trips remain."""
     dialect = db.engine.dialect
 
-    def compiled(stmt: Any) -> tuple[str, list[str], dict[str, Any]]:
+    def compiled(stmt: Any) -> tuple[str, list[str] | None, dict[str, Any]]:
+        # Positional keys for mysqlclient's and sqlite3's paramstyles; None for psycopg's named
+        # %(name)s style, which takes the dict itself.
         c = stmt.compile(dialect=dialect)
-        return c.string, list(c.positiontup or []), dict(c.params)
+        return c.string, list(c.positiontup) if c.positional else None, dict(c.params)
+
+    def bound(keys: list[str] | None, params: dict[str, Any]) -> Any:
+        return params if keys is None else [params[k] for k in keys]
 
     update_sql, update_keys, update_params = compiled(
         statements.update_task(lease.apply_id, task_id, epoch=lease.epoch, values={"progress": 0})
     )
     fence_sql, fence_keys, fence_params = compiled(statements.fence(lease.apply_id, lease.token))
-    fence_args = [fence_params[k] for k in fence_keys]
+    fence_args = bound(fence_keys, fence_params)
     samples: dict[str, list[int]] = {"plain": [], "fenced": []}
     raw = db.engine.raw_connection()
     try:
@@ -258,7 +305,7 @@ def driver_level(db: Database, lease: Lease, task_id: int, iterations: int) -> d
                 cursor.execute(fence_sql, fence_args)
                 if cursor.fetchone() is None:
                     raise LeaseLost(lease.apply_id, lease.epoch, reason="driver-level fence")
-            cursor.execute(update_sql, [update_params[k] for k in update_keys])
+            cursor.execute(update_sql, bound(update_keys, update_params))
             conn.commit()
 
         for i in range(iterations):
@@ -368,6 +415,14 @@ def describe(db: Database, isolation: str) -> str:
             version = conn.execute(text("SELECT sqlite_version()")).scalar_one()
             mode = conn.execute(text("PRAGMA journal_mode")).scalar_one()
             return f"SQLite {version} (journal_mode={mode}, synchronous=NORMAL, BEGIN IMMEDIATE)"
+        if _stores.is_postgres(db):
+            version = conn.execute(text("SHOW server_version")).scalar_one()
+            sync = conn.execute(text("SHOW synchronous_commit")).scalar_one()
+            fsync = conn.execute(text("SHOW fsync")).scalar_one()
+            return (
+                f"PostgreSQL {version} ({isolation}, synchronous_commit={sync}, fsync={fsync}, "
+                "psycopg 3, one pooled connection with pre-ping)"
+            )
         version = conn.execute(text("SELECT VERSION()")).scalar_one()
         flush = conn.execute(text("SELECT @@innodb_flush_log_at_trx_commit")).scalar_one()
     return (
@@ -377,15 +432,8 @@ def describe(db: Database, isolation: str) -> str:
 
 
 def run_backend(backend: str, args: argparse.Namespace) -> Result:
-    if backend == "mariadb":
-        scratch = _common.scratch_mysql(args.mysql_url)
-    else:
-        scratch = _common.scratch_sqlite()
-    with scratch as url:
-        if backend == "mariadb":
-            db = open_database(url, isolation_level=args.isolation, pool_size=1, max_overflow=0)
-        else:
-            db = open_database(url)
+    with _stores.scratch(backend, args) as url:
+        db = _stores.open_store(backend, url, args)
         try:
             return measure(
                 backend,
@@ -409,55 +457,66 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=100, help="untimed iterations first")
     parser.add_argument(
         "--backends",
-        default="mariadb,sqlite",
-        help="comma-separated subset of mariadb,sqlite (default both)",
+        default=",".join(_stores.STORES),
+        help=f"comma-separated subset of {','.join(_stores.STORES)} (default all three), "
+        "measured in that order",
     )
-    parser.add_argument(
-        "--isolation",
-        default="READ COMMITTED",
-        choices=["READ COMMITTED", "REPEATABLE READ"],
-        help="MariaDB isolation level (default READ COMMITTED, leasehold's default)",
-    )
-    parser.add_argument(
-        "--mysql-url",
-        default=_common.mysql_server_url(),
-        help=f"server URL; a scratch database is created there and dropped "
-        f"(default ${_common.MYSQL_SERVER_ENV} or {_common.DEFAULT_MYSQL_SERVER})",
-    )
+    _stores.add_server_arguments(parser)
     args = parser.parse_args(argv)
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = set(backends) - {"mariadb", "sqlite"}
-    if unknown or not backends:
-        parser.error(f"--backends: unknown {sorted(unknown)}; use mariadb and/or sqlite")
+    args.backend_list = _stores.parse_stores(parser, "--backends", args.backends)
     if args.iterations < 1 or args.warmup < 0:
         parser.error("--iterations must be >= 1 and --warmup >= 0")
-    args.backend_list = backends
     return args
+
+
+def side_by_side(results: dict[str, Result]) -> None:
+    """The stores measured, one column each: median us of each shape, and the ratios."""
+    if not results:
+        return
+    names = list(results)
+    print("== side by side (median us; ratios are within each store)")
+    print("   " + f"{'':<24}" + "".join(f"{name:>14}" for name in names))
+    for write in WRITES:
+        for shape in SHAPES:
+            cells = "".join(f"{results[n].median(write, shape):>14.1f}" for n in names)
+            print(f"   {write + ' ' + shape:<24}{cells}")
+        for shape in ("fenced", "single"):
+            cells = "".join(f"{results[n].ratio(write, shape):>13.2f}x" for n in names)
+            print(f"   {write + ' ' + shape + '/plain':<24}{cells}")
+    cells = ""
+    for n in names:
+        plain, fenced_ = (_common.median_us(results[n].driver[k]) for k in ("plain", "fenced"))
+        cells += f"{_common.ratio(fenced_, plain):>13.2f}x"
+    print(f"   {'progress DBAPI f/p':<24}{cells}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     for key, doc in SHAPE_DOC.items():
         print(f"shape {key:<7} {doc}")
-    headline = "unavailable"
+    # MariaDB's key first, whatever the order asked: it is the one scripts have parsed.
+    keyed = sorted(args.backend_list, key=lambda b: b != _stores.MARIADB)
+    headline = {backend: "unavailable" for backend in keyed}
+    results: dict[str, Result] = {}
     started = time.perf_counter_ns()
     for backend in args.backend_list:
         try:
             result = run_backend(backend, args)
-        except _common.BackendUnavailable as exc:
+        except (_common.BackendUnavailable, StorageUnavailable) as exc:
             print(f"== {backend}: SKIPPED, NOT MEASURED: {exc}")
             continue
         report(result)
-        if backend == "mariadb":
-            worst = max(WRITES, key=lambda w: result.ratio(w, "fenced"))
-            headline = f"{result.ratio(worst, 'fenced'):.2f}"
-            print(
-                "headline: the worse of the two writes' fenced/plain median ratios on MariaDB "
-                f"(here: {worst}); goal <= 1.2"
-            )
+        results[backend] = result
+        worst = max(WRITES, key=lambda w: result.ratio(w, "fenced"))
+        headline[backend] = f"{result.ratio(worst, 'fenced'):.2f}"
+        print(
+            f"headline ({backend}): the worse of the two writes' fenced/plain median ratios "
+            f"(here: {worst}); goal <= 1.2"
+        )
+    side_by_side(results)
     elapsed = (time.perf_counter_ns() - started) / 1e9
     print(f"total time {elapsed:.1f} s")
-    print(f"fence_overhead_ratio_mariadb={headline}")
+    print(_stores.key_line([(f"fence_overhead_ratio_{b}", headline[b]) for b in keyed]))
     return 0
 
 

@@ -8,13 +8,21 @@ rotates the stale applies (to ``dispatched``), so before every timed pass the sa
 stale again (untimed). Passes on the two sizes are interleaved, so that noise (other clients of
 the server, InnoDB's background flush and purge after the load) hits both alike; the figure per
 size is the median. The candidate SELECT is also timed alone, an empty pass (nothing stale) is
-timed, and the plan is printed (EXPLAIN, and on MariaDB ANALYZE with the rows really read), to show
-an index range on (state, heartbeat_at).
+timed, and the plan is printed (EXPLAIN, and ANALYZE with the rows really read: MariaDB's
+``ANALYZE``, PostgreSQL's ``EXPLAIN (ANALYZE, BUFFERS)``), to show an index range on
+(state, heartbeat_at).
 
-The last line is ``reclaim_scan_ratio_1m_vs_10k=<x>``: median pass time at the large size over the
-median at the small size (goal <= 1.5), or ``unavailable`` when no server answers.
+The stores (MariaDB and PostgreSQL by default; SQLite on request) are measured one after the
+other in the same run, with the same workload; every ratio is within one store. A store that does
+not answer gets a ``SKIPPED, NOT MEASURED`` line and ``unavailable`` figures; the others are
+still measured.
 
-Run: ``.venv/bin/python bench/reclaim_scan.py [--rows-large N] [--backend mariadb|sqlite]``.
+The last line is ``reclaim_scan_ratio_1m_vs_10k_<store>=<x>`` for each store asked for: median
+pass time at the large size over the median at the small size (goal <= 1.5), or ``unavailable``
+when the store does not answer. It starts with the unsuffixed ``reclaim_scan_ratio_1m_vs_10k``,
+the key scripts know: MariaDB's figure (the first store's when MariaDB is not asked for).
+
+Run: ``.venv/bin/python bench/reclaim_scan.py [--rows-large N] [--backends mariadb,postgres]``.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import secrets
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -33,16 +41,18 @@ from typing import Any
 
 from sqlalchemy import Connection, func, insert, select, text
 from sqlalchemy.dialects import mysql, sqlite
+from sqlalchemy.dialects.postgresql import psycopg
 
 from leases import ReclaimPolicy, reclaim
 from storage import _statements as statements
 from storage import clock
-from storage.database import Database, open_database
+from storage.database import Database
+from storage.errors import StorageUnavailable
 from storage.states import ApplyState
 from storage.tables import applies
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import _common
+from bench import _common, _stores
 
 INDEX = "ix_applies_state_heartbeat_at"
 FINISHED = (ApplyState.COMPLETED, ApplyState.FAILED, ApplyState.CANCELLED)
@@ -215,15 +225,29 @@ def restale(db: Database, staged: Staged, stale_after: float) -> None:
                     reclaim_count=0,
                 )
             )
-        fresh = staged.fresh_running + staged.fresh_dispatched
-        if fresh:
-            conn.execute(
-                applies.update().where(applies.c.id.in_(fresh)).values(heartbeat_at=clock.now())
-            )
+        keep_fresh(conn, staged)
+
+
+def keep_fresh(conn: Connection, staged: Staged) -> None:
+    """The fresh applies' heartbeats to now by the DB clock: they were written before the load,
+    which can take longer than ``stale_after`` on a busy machine (a pass would reclaim them)."""
+    fresh = staged.fresh_running + staged.fresh_dispatched
+    if fresh:
+        conn.execute(
+            applies.update().where(applies.c.id.in_(fresh)).values(heartbeat_at=clock.now())
+        )
 
 
 def analyze(db: Database) -> None:
-    """Fresh optimizer statistics, as a long-lived production table has."""
+    """Fresh optimizer statistics, as a long-lived production table has. PostgreSQL: ``VACUUM
+    (ANALYZE)``, which also sets the hint bits and visibility map that a bulk load leaves unset
+    (the first readers would otherwise pay for them), as autovacuum does to a settled table."""
+    if _stores.is_postgres(db):
+        with db.engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(
+                "VACUUM (ANALYZE) applies"
+            )
+        return
     with db.transaction() as conn:
         if db.is_sqlite:
             conn.execute(text("ANALYZE"))
@@ -250,6 +274,12 @@ def explain(db: Database, sql: str) -> tuple[list[str], bool]:
                 "TEMP B-TREE" in line or line.startswith("SCAN applies") for line in lines
             )
             return lines, ok
+        if _stores.is_postgres(db):
+            lines = [str(r[0]) for r in conn.exec_driver_sql(f"EXPLAIN {sql}")]
+            ok = any(f"Index Scan using {INDEX}" in line for line in lines) and not any(
+                "Seq Scan" in line or "Sort" in line or "Bitmap" in line for line in lines
+            )
+            return lines, ok
         result = conn.exec_driver_sql(f"EXPLAIN {sql}")
         keys = list(result.keys())
         rows: list[dict[str, Any]] = [dict(zip(keys, r, strict=True)) for r in result]
@@ -265,9 +295,14 @@ def explain(db: Database, sql: str) -> tuple[list[str], bool]:
 
 
 def analyze_rows(db: Database, sql: str) -> str | None:
-    """MariaDB's ANALYZE runs the query and reports the rows it really read (r_rows)."""
+    """MariaDB's ANALYZE runs the query and reports the rows it really read (r_rows);
+    PostgreSQL's EXPLAIN (ANALYZE, BUFFERS) the rows of each node and the pages it touched."""
     if db.is_sqlite:
         return None
+    if _stores.is_postgres(db):
+        with db.transaction() as conn:
+            plan = [str(r[0]) for r in conn.exec_driver_sql(f"EXPLAIN (ANALYZE, BUFFERS) {sql}")]
+        return "\n       ".join(["", *plan])
     try:
         with db.transaction() as conn:
             result = conn.exec_driver_sql(f"ANALYZE {sql}")
@@ -300,12 +335,19 @@ def time_select(db: Database, policy: ReclaimPolicy, runs: int) -> list[int]:
 
 
 def time_unindexed(db: Database, sql: str, runs: int) -> list[int]:
-    """For contrast only (MariaDB): the same candidate SELECT told to ignore the index, i.e. what
-    the pass would cost if it were a scan of the table."""
-    hinted = sql.replace("FROM applies", f"FROM applies IGNORE INDEX ({INDEX})", 1)
+    """For contrast only: the same candidate SELECT told to ignore the index (MariaDB: ``IGNORE
+    INDEX``; PostgreSQL: index and bitmap scans disabled for the transaction), i.e. what the pass
+    would cost if it were a scan of the table."""
+    postgres = _stores.is_postgres(db)
+    hinted = (
+        sql if postgres else sql.replace("FROM applies", f"FROM applies IGNORE INDEX ({INDEX})", 1)
+    )
     samples: list[int] = []
     for _ in range(runs):
         with db.transaction() as conn:
+            if postgres:
+                for setting in ("enable_indexscan", "enable_indexonlyscan", "enable_bitmapscan"):
+                    conn.exec_driver_sql(f"SET LOCAL {setting} = off")
             start = time.perf_counter_ns()
             conn.exec_driver_sql(hinted).all()
             samples.append(time.perf_counter_ns() - start)
@@ -394,7 +436,10 @@ def measure(subjects: Sequence[Subject], policy: ReclaimPolicy, args: argparse.N
     them (they would tax whichever size happened to be updated last)."""
     # 1. The common case: a beat finds nothing stale. Then a pass is nothing but its two
     # candidate SELECTs (running, dispatched) and two commits: the scan cost itself. Measured
-    # first, on the freshly loaded tables.
+    # first, on the freshly loaded tables (the fresh applies made fresh again, untimed).
+    for subject in subjects:
+        with subject.db.transaction() as conn:
+            keep_fresh(conn, subject.staged)
     for i in range(args.select_runs):
         for subject in in_turn(subjects, i):
             start = time.perf_counter_ns()
@@ -445,28 +490,23 @@ def report(subject: Subject, policy: ReclaimPolicy, args: argparse.Namespace) ->
     if result.unindexed_ns:
         unindexed_ms = _common.median_us(result.unindexed_ns) / 1000
         print(
-            f"   for contrast, the candidate SELECT with IGNORE INDEX ({INDEX}): median "
+            f"   for contrast, the candidate SELECT without the index ({INDEX}): median "
             f"{unindexed_ms:.1f} ms over {args.unindexed_runs} runs"
         )
 
 
-def open_subject_db(backend: str, url: str, args: argparse.Namespace) -> Database:
-    if backend == "mariadb":
-        return open_database(url, isolation_level=args.isolation, pool_size=1)
-    return open_database(url)
-
-
-def run(args: argparse.Namespace, policy: ReclaimPolicy) -> tuple[SizeResult, SizeResult]:
-    """Two scratch databases, one per size, so that the passes can be interleaved."""
+def run(
+    backend: str, args: argparse.Namespace, policy: ReclaimPolicy
+) -> tuple[SizeResult, SizeResult]:
+    """Two scratch databases on ``backend``, one per size, so that the passes can be
+    interleaved."""
 
     def scratch() -> AbstractContextManager[str]:
-        if args.backend == "mariadb":
-            return _common.scratch_mysql(args.mysql_url)
-        return _common.scratch_sqlite()
+        return _stores.scratch(backend, args)
 
     with scratch() as small_url, scratch() as large_url:
-        small_db = open_subject_db(args.backend, small_url, args)
-        large_db = open_subject_db(args.backend, large_url, args)
+        small_db = _stores.open_store(backend, small_url, args)
+        large_db = _stores.open_store(backend, large_url, args)
         try:
             subjects = [
                 load("small", small_db, args.rows_small, args),
@@ -502,8 +542,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--unindexed-runs",
         type=int,
         default=3,
-        help="MariaDB: timed runs of the candidate SELECT with IGNORE INDEX, for contrast (3; "
-        "0 skips)",
+        help="MariaDB and PostgreSQL: timed runs of the candidate SELECT without the index, "
+        "for contrast (3; 0 skips)",
     )
     parser.add_argument(
         "--batch-size",
@@ -511,20 +551,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=100,
         help="ReclaimPolicy.batch_size: applies rotated per transaction (100)",
     )
-    parser.add_argument("--backend", choices=["mariadb", "sqlite"], default="mariadb")
     parser.add_argument(
-        "--isolation",
-        default="READ COMMITTED",
-        choices=["READ COMMITTED", "REPEATABLE READ"],
-        help="MariaDB isolation level (default READ COMMITTED, leasehold's default)",
+        "--backends",
+        default=f"{_stores.MARIADB},{_stores.POSTGRES}",
+        help=f"comma-separated subset of {','.join(_stores.STORES)}, measured in that order "
+        "(default mariadb,postgres)",
     )
     parser.add_argument(
-        "--mysql-url",
-        default=_common.mysql_server_url(),
-        help=f"server URL; scratch databases are created there and dropped "
-        f"(default ${_common.MYSQL_SERVER_ENV} or {_common.DEFAULT_MYSQL_SERVER})",
+        "--backend",
+        choices=list(_stores.STORES),
+        default=None,
+        help="one store only (the same as --backends <store>)",
     )
+    _stores.add_server_arguments(parser)
     args = parser.parse_args(argv)
+    args.backend_list = _stores.parse_stores(
+        parser, "--backends", args.backend if args.backend else args.backends
+    )
     live = args.stale + 2 * args.fresh
     if args.stale < 1 or args.passes < 1 or args.select_runs < 1 or args.batch_size < 1:
         parser.error("--stale, --passes, --select-runs and --batch-size must be >= 1")
@@ -535,49 +578,127 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+DIALECTS = {
+    _stores.MARIADB: mysql.dialect(),
+    _stores.POSTGRES: psycopg.dialect(),  # type: ignore[no-untyped-call]
+    _stores.SQLITE: sqlite.dialect(),
+}
+
+
+@dataclass
+class StoreResult:
+    small: SizeResult
+    large: SizeResult
+    elapsed_s: float
+
+    @property
+    def pass_ratio(self) -> float:
+        return _common.ratio(self.large.pass_ms, self.small.pass_ms)
+
+    @property
+    def select_ratio(self) -> float:
+        return _common.ratio(self.large.select_us, self.small.select_us)
+
+    @property
+    def empty_ratio(self) -> float:
+        return _common.ratio(self.large.empty_us, self.small.empty_us)
+
+    @property
+    def scan_ratio(self) -> float | None:
+        if not (self.large.unindexed_ns and self.small.unindexed_ns):
+            return None
+        return _common.ratio(
+            _common.median_us(self.large.unindexed_ns), _common.median_us(self.small.unindexed_ns)
+        )
+
+
+def measure_store(backend: str, args: argparse.Namespace, policy: ReclaimPolicy) -> StoreResult:
+    stmt = statements.stale_candidates(
+        ApplyState.RUNNING, older_than=policy.stale_after, limit=policy.batch_size
+    )
+    rendered = stmt.compile(dialect=DIALECTS[backend], compile_kwargs={"literal_binds": True})
+    print(f"==== {backend}")
+    print(f"candidate query ({backend}): {' '.join(str(rendered).split())}")
+    started = time.perf_counter_ns()
+    small, large = run(backend, args, policy)
+    store = StoreResult(small, large, (time.perf_counter_ns() - started) / 1e9)
+    sizes = f"{large.rows:,} vs {small.rows:,} rows"
+    print(
+        f"candidate SELECT {sizes}: {large.select_us:.0f} / {small.select_us:.0f} us "
+        f"= {store.select_ratio:.2f}"
+    )
+    print(
+        f"empty reclaim pass {sizes}: {large.empty_us:.0f} / {small.empty_us:.0f} us "
+        f"= {store.empty_ratio:.2f}"
+    )
+    if store.scan_ratio is not None:
+        print(f"for contrast, the unindexed candidate SELECT {sizes}: {store.scan_ratio:.0f}x")
+    print(
+        f"reclaim pass of {small.reclaimed[-1]} stale applies, {sizes} ({backend}): "
+        f"{large.pass_ms:.0f} / {small.pass_ms:.0f} ms = {store.pass_ratio:.2f} (goal <= 1.5)"
+    )
+    print(f"{backend}: {store.elapsed_s:.1f} s")
+    return store
+
+
+def side_by_side(results: dict[str, StoreResult]) -> None:
+    """The stores measured, one column each (small / large, and large over small)."""
+    if not results:
+        return
+    names = list(results)
+    print("== side by side (ratios are large / small within each store)")
+    print("   " + f"{'':<30}" + "".join(f"{name:>22}" for name in names))
+
+    def row(label: str, cell: Callable[[StoreResult], str]) -> None:
+        print(f"   {label:<30}" + "".join(f"{cell(results[n]):>22}" for n in names))
+
+    row(
+        "reclaim pass ms (small / large)",
+        lambda r: f"{r.small.pass_ms:.0f} / {r.large.pass_ms:.0f}",
+    )
+    row("  ratio", lambda r: f"{r.pass_ratio:.2f}")
+    row("candidate SELECT us", lambda r: f"{r.small.select_us:.0f} / {r.large.select_us:.0f}")
+    row("  ratio", lambda r: f"{r.select_ratio:.2f}")
+    row("empty pass us", lambda r: f"{r.small.empty_us:.0f} / {r.large.empty_us:.0f}")
+    row("  ratio", lambda r: f"{r.empty_ratio:.2f}")
+
+    def scan(r: StoreResult) -> str:
+        if r.scan_ratio is None:
+            return "-"
+        small, large = (_common.median_us(x.unindexed_ns) / 1000 for x in (r.small, r.large))
+        return f"{small:.1f} / {large:.0f} ms"
+
+    row("unindexed SELECT (contrast)", scan)
+    row("  ratio", lambda r: "-" if r.scan_ratio is None else f"{r.scan_ratio:.0f}x")
+    row("rows (small / large)", lambda r: f"{r.small.rows:,} / {r.large.rows:,}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     policy = ReclaimPolicy(
         stale_after=30, dispatch_timeout=600, max_reclaims=5, batch_size=args.batch_size
     )
     print(f"policy: {policy}")
-    dialect = mysql.dialect() if args.backend == "mariadb" else sqlite.dialect()
-    stmt = statements.stale_candidates(
-        ApplyState.RUNNING, older_than=policy.stale_after, limit=policy.batch_size
-    )
-    rendered = stmt.compile(dialect=dialect, compile_kwargs={"literal_binds": True})
-    print(f"candidate query ({args.backend}): {' '.join(str(rendered).split())}")
     started = time.perf_counter_ns()
-    try:
-        small, large = run(args, policy)
-    except _common.BackendUnavailable as exc:
-        print(f"== {args.backend}: SKIPPED, NOT MEASURED: {exc}")
-        print("reclaim_scan_ratio_1m_vs_10k=unavailable")
-        return 0
+    results: dict[str, StoreResult] = {}
+    figures: dict[str, str] = {}
+    for backend in args.backend_list:
+        try:
+            store = measure_store(backend, args, policy)
+        except (_common.BackendUnavailable, StorageUnavailable) as exc:
+            print(f"== {backend}: SKIPPED, NOT MEASURED: {exc}")
+            figures[backend] = "unavailable"
+            continue
+        results[backend] = store
+        figures[backend] = f"{store.pass_ratio:.2f}"
+    side_by_side(results)
     elapsed = (time.perf_counter_ns() - started) / 1e9
-    sizes = f"{large.rows:,} vs {small.rows:,} rows"
-    select_ratio = _common.ratio(large.select_us, small.select_us)
-    empty_ratio = _common.ratio(large.empty_us, small.empty_us)
-    pass_ratio = _common.ratio(large.pass_ms, small.pass_ms)
-    print(
-        f"candidate SELECT {sizes}: {large.select_us:.0f} / {small.select_us:.0f} us "
-        f"= {select_ratio:.2f}"
-    )
-    print(
-        f"empty reclaim pass {sizes}: {large.empty_us:.0f} / {small.empty_us:.0f} us "
-        f"= {empty_ratio:.2f}"
-    )
-    if large.unindexed_ns and small.unindexed_ns:
-        scan_ratio = _common.ratio(
-            _common.median_us(large.unindexed_ns), _common.median_us(small.unindexed_ns)
-        )
-        print(f"for contrast, the unindexed candidate SELECT {sizes}: {scan_ratio:.0f}x")
-    print(
-        f"reclaim pass of {small.reclaimed[-1]} stale applies, {sizes} ({args.backend}): "
-        f"{large.pass_ms:.0f} / {small.pass_ms:.0f} ms = {pass_ratio:.2f} (goal <= 1.5)"
-    )
     print(f"total time {elapsed:.1f} s")
-    print(f"reclaim_scan_ratio_1m_vs_10k={pass_ratio:.2f}")
+    # The unsuffixed key scripts know: MariaDB's figure, or the only store's (--backend sqlite).
+    legacy = _stores.MARIADB if _stores.MARIADB in figures else args.backend_list[0]
+    keys = [("reclaim_scan_ratio_1m_vs_10k", figures[legacy])]
+    keys += [(f"reclaim_scan_ratio_1m_vs_10k_{b}", figures[b]) for b in args.backend_list]
+    print(_stores.key_line(keys))
     return 0
 
 
