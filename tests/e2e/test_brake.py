@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from storage import applies
+from tests.e2e import rabbitmq
 from tests.e2e.helpers import (
     HEARTBEAT_INTERVAL,
     RECLAIM_INTERVAL,
@@ -115,6 +116,16 @@ def test_the_brake_works_while_every_apply_slot_is_busy(
             lambda: _unacked(stack) == 0 and _queued_in_broker(stack) == len(waiting),
             timeout=RESULT_TIMEOUT,
             diagnose=lambda: f"unacked {_unacked(stack)}, queued {_queued_in_broker(stack)}",
+        )
+    elif rabbitmq.is_amqp(stack):
+        vhost = rabbitmq.vhost_of(rabbitmq.broker_url(stack))
+        expected = rabbitmq.Depth(ready=len(waiting), unacked=0)
+        wait_for(
+            "the waiting run_apply messages to be ready in the queue, none unacknowledged",
+            lambda: rabbitmq.depth(vhost, "leasehold.applies") == expected,
+            timeout=RESULT_TIMEOUT,
+            interval=0.5,  # each look is a rabbitmqctl run
+            diagnose=lambda: str(rabbitmq.depth(vhost, "leasehold.applies")),
         )
     assert all(row(db, a)["state"] == "dispatched" for a in waiting)
     assert all(events(db, a) == [(1, "dispatched")] for a in waiting)  # nobody redeemed them

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.helpers import RESULT_TIMEOUT, Cluster, Stack, assert_completed_once
+from tests.e2e.rabbitmq import is_amqp
 from tests.support import new_database
 
 pytestmark = pytest.mark.slow
@@ -83,7 +84,7 @@ print(json.dumps(seen))
 def other_app_config(stack: Stack) -> dict[str, Any]:
     env = stack.env
     config: dict[str, Any] = {"database": new_database(), "request_id": f"deploy-{os.getpid()}"}
-    if stack.redis:
+    if stack.redis or is_amqp(stack):
         config |= {
             "broker": env["LEASEHOLD_BROKER_URL"],
             "backend": env["LEASEHOLD_RESULT_BACKEND"],
