@@ -211,6 +211,25 @@ def _sqlite_stack(folder: Path) -> Iterator[dict[str, str]]:
     }
 
 
+ALL_STACKS = frozenset({"redis", "postgres", "rabbitmq", "sqlite"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A module that names ``STACKS`` runs on those stacks only: a module about the broker
+    (poison, Flower's events) gains nothing from another store, so the suite stays inside its
+    time budget. Every module runs on Redis + MariaDB and on the embedded default."""
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        kind = callspec.params.get("stack") if callspec is not None else None
+        wanted = getattr(getattr(item, "module", None), "STACKS", ALL_STACKS)
+        (kept if kind is None or kind in wanted else dropped).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 def stack_settings(kind: str, folder: Path) -> AbstractContextManager[dict[str, str]]:
     """The ``LEASEHOLD_*`` values of a deployment of ``kind`` (redis, postgres, rabbitmq,
     sqlite) whose files live in ``folder``."""

@@ -41,7 +41,7 @@ from storage.tables import apply_comments, checks
 from tasks.github import render
 from tasks.testing.standin import GitHubStandIn
 from tests import support
-from tests.conftest import scratch_mysql_database, unavailable
+from tests.conftest import scratch_mysql_database, scratch_postgres_database, unavailable
 from tests.e2e.helpers import (
     RESULT_TIMEOUT,
     STALE_AFTER,
@@ -104,8 +104,9 @@ class Base:
 
 
 @contextmanager
-def _redis_mariadb(folder: Path) -> Iterator[dict[str, str]]:
-    if importlib.util.find_spec("MySQLdb") is None:
+def _redis_store(folder: Path, store: str) -> Iterator[dict[str, str]]:
+    """Redis + a scratch database on the ``store`` server (``mysql`` or ``postgres``)."""
+    if store == "mysql" and importlib.util.find_spec("MySQLdb") is None:
         unavailable("mysqlclient is not installed; run scripts/bootstrap.sh")
     client = redis.Redis.from_url(f"{REDIS_URL}/{REDIS_DB}")
     try:
@@ -114,7 +115,8 @@ def _redis_mariadb(folder: Path) -> Iterator[dict[str, str]]:
         client.close()
         unavailable(f"Redis at {REDIS_URL} is not reachable: {exc}")
     try:
-        with scratch_mysql_database("leasehold_chaos") as url:
+        scratch = scratch_postgres_database if store == "postgres" else scratch_mysql_database
+        with scratch("leasehold_chaos") as url:
             client.flushdb()
             yield {
                 "LEASEHOLD_DATABASE_URL": url,
@@ -136,13 +138,15 @@ def _sqlite(folder: Path) -> Iterator[dict[str, str]]:
     }
 
 
-@pytest.fixture(scope="module", params=["sqlite", "redis"])
+@pytest.fixture(scope="module", params=["sqlite", "redis", "postgres"])
 def base(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Base]:
     kind = str(request.param)
     folder = tmp_path_factory.mktemp(f"chaos-{kind}")
-    with _redis_mariadb(folder) if kind == "redis" else _sqlite(folder) as values:
+    stores = {"redis": "mysql", "postgres": "postgres"}
+    settings = _redis_store(folder, stores[kind]) if kind in stores else _sqlite(folder)
+    with settings as values:
         db = open_database(values["LEASEHOLD_DATABASE_URL"])
         upgrade(db)
         client = client_app(process_env(values))

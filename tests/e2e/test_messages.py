@@ -32,6 +32,9 @@ from tests.e2e.helpers import (
 )
 
 pytestmark = pytest.mark.slow
+# Stacks: Celery's messages and Flower's events: the broker's business, not the store's
+# (tests/e2e/conftest.py).
+STACKS = frozenset({"redis", "rabbitmq", "sqlite"})
 
 RUN_APPLY = "leasehold.run_apply"
 
