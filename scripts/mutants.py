@@ -120,13 +120,14 @@ MUTANTS: tuple[Mutant, ...] = (
         [CHECK_THEN_WRITE, MODEL],
         (
             FENCED,
-            "    with db.transaction() as conn:\n        line = None\n",
+            "    for txn in db.attempts():\n        with txn as conn:\n            line = None\n",
             "    with db.transaction() as check:\n"
             "        leasing.fence(check, apply_id, epoch, token)\n"
-            "    with db.transaction() as conn:\n"
-            "        line = None\n",
+            "    for txn in db.attempts():\n"
+            "        with txn as conn:\n"
+            "            line = None\n",
         ),
-        (FENCED, "        leasing.fence(conn, apply_id, epoch, token)\n", ""),
+        (FENCED, "            leasing.fence(conn, apply_id, epoch, token)\n", ""),
     ),
     mutant(
         "fence-without-row-lock",
@@ -306,17 +307,15 @@ MUTANTS: tuple[Mutant, ...] = (
         [f"{LINE_RACES}::test_two_submits_wait_for_the_line_and_one_takes_the_turn"],
         (
             STATEMENTS,
-            "            apply_lines.c.environment == environment,\n"
-            "        )\n"
-            "        .with_for_update()\n",
-            "            apply_lines.c.environment == environment,\n        )\n",
+            "    return select(apply_lines.c.database_name).where(*where).with_for_update()\n",
+            "    return select(apply_lines.c.database_name).where(*where)\n",
         ),
     ),
     mutant(
         "finishing-fence-skips-the-line-lock",
         "a finishing fence no longer locks its line before the apply row",
         [f"{LINE_RACES}::test_a_submit_waits_for_the_finishing_apply_of_its_line"],
-        (FENCED, "            lines.lock(conn, line)\n", ""),
+        (FENCED, "                lines.lock(conn, line)\n", ""),
     ),
     mutant(
         "finish-does-not-pass-the-turn",
