@@ -34,17 +34,19 @@ _MYSQL_TIMEOUTS = {"connect_timeout": 10, "read_timeout": 60, "write_timeout": 6
 # Lock wait timeout and deadlock: the transaction was rolled back and may simply be retried.
 _MYSQL_BUSY = frozenset({1205, 1213})
 _SQLITE_BUSY_TIMEOUT_MS = 30_000
-# PostgreSQL SQLSTATEs. Busy (rolled back, retry it): serialization failure (REPEATABLE READ met a
-# row changed since its snapshot), deadlock, lock_timeout, a statement cancelled by timeout.
-# Unavailable: class 08 (connection exceptions) and the server shutting down or refusing logins.
+# PostgreSQL SQLSTATEs. Busy (rolled back, retry it): deadlock, lock_timeout, a statement
+# cancelled by timeout. A serialization failure (REPEATABLE READ met a row changed since its
+# snapshot) is busy too, and rerun in place by ``Database.attempts``. Unavailable: class 08
+# (connection exceptions), the server shutting down or refusing logins, too many connections,
+# and a session ended for idling in a transaction.
 _PG_BUSY = frozenset({"40P01", "55P03", "57014"})
 _PG_SERIALIZATION_FAILURE = "40001"
+_PG_UNAVAILABLE_CLASSES = ("08",)
+_PG_UNAVAILABLE = frozenset({"57P01", "57P02", "57P03", "53300", "25P03"})
 # How often ``Database.attempts`` runs a transaction that keeps failing to serialize: each
 # failure means another transaction on the same row committed, so N racers need at most N - 1.
 ATTEMPTS = 64
 _BACKOFF_CAP = 0.05  # seconds
-_PG_UNAVAILABLE_CLASSES = ("08",)
-_PG_UNAVAILABLE = frozenset({"57P01", "57P02", "57P03", "53300", "25P03"})
 # Server-side bounds for every PostgreSQL session (milliseconds): a lock wait ends as InnoDB's
 # does at 50 s (StorageBusy), and the kernel gives up on a peer that stopped acknowledging after
 # 60 s (libpq has no read timeout; a partitioned server would otherwise hang a statement for

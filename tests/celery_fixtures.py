@@ -144,6 +144,8 @@ def unreachable_url(dialect: str, tmp_path: Path) -> str:
     """A URL of the same dialect whose database cannot be reached."""
     if dialect == "sqlite":
         return f"sqlite:///{tmp_path / 'gone' / 'nowhere' / 'leasehold.sqlite3'}"
+    if dialect == "postgresql":
+        return "postgresql+psycopg://postgres@127.0.0.1:1/leasehold"
     return "mysql+mysqldb://root@127.0.0.1:1/leasehold"
 
 

@@ -666,7 +666,7 @@ def test_require_head_refuses_a_store_a_newer_leasehold_migrated(
     )
 
 
-@pytest.mark.parametrize("dialect", ["sqlite", "mysql"])
+@pytest.mark.parametrize("dialect", ["sqlite", "mysql", "postgresql"])
 def test_require_head_on_an_unreachable_store_is_storage_unavailable(
     tmp_path: Path, dialect: str
 ) -> None:
