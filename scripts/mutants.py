@@ -312,6 +312,18 @@ MUTANTS: tuple[Mutant, ...] = (
         ),
     ),
     mutant(
+        "line-lock-read-on-postgres",
+        "PostgreSQL's line lock is a locking read instead of a write: under REPEATABLE READ a "
+        "submit that waited for the line keeps a snapshot without the apply its holder added, "
+        "and both take the turn",
+        [f"{LINE_RACES}::test_two_submits_wait_for_the_line_and_one_takes_the_turn"],
+        (
+            STATEMENTS,
+            '    if dialect == "postgresql":\n        return (\n            apply_lines',
+            "    if False:\n        return (\n            apply_lines",
+        ),
+    ),
+    mutant(
         "finishing-fence-skips-the-line-lock",
         "a finishing fence no longer locks its line before the apply row",
         [f"{LINE_RACES}::test_a_submit_waits_for_the_finishing_apply_of_its_line"],
