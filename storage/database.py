@@ -219,18 +219,9 @@ def open_database(
         for key, seconds in _MYSQL_TIMEOUTS.items():
             if key not in parsed.query:
                 connect_args.setdefault(key, seconds)
-    try:
-        engine = create_engine(
-            url,
-            isolation_level=level,
-            pool_pre_ping=True,
-            pool_recycle=3600,
-            pool_size=pool_size,
-            connect_args=connect_args,
-            **engine_kwargs,
-        )
-    except (sa_exc.ArgumentError, ImportError) as exc:
-        raise ConfigurationError(f"cannot use {redact(url)}: {exc}") from exc
+    engine = _server_engine(
+        parsed, level=level, pool_size=pool_size, connect_args=connect_args, **engine_kwargs
+    )
     idle = None if idle_transaction_timeout is None else max(1, math.ceil(idle_transaction_timeout))
     _configure_sessions(engine, idle_transaction_timeout=idle)
     return Database(engine)
@@ -269,9 +260,20 @@ def _postgresql_database(
         options.append(f"-c idle_in_transaction_session_timeout={millis:d}")
     if "options" not in parsed.query:
         connect_args.setdefault("options", " ".join(options))
+    engine = _server_engine(
+        parsed, level=level, pool_size=pool_size, connect_args=connect_args, **engine_kwargs
+    )
+    return Database(engine)
+
+
+def _server_engine(
+    url: URL, *, level: str, pool_size: int, connect_args: dict[str, Any], **engine_kwargs: Any
+) -> Engine:
+    """The pooled engine of a MySQL/MariaDB or PostgreSQL store: an explicit isolation level,
+    connections checked before use and renewed hourly."""
     try:
-        engine = create_engine(
-            parsed,
+        return create_engine(
+            url,
             isolation_level=level,
             pool_pre_ping=True,
             pool_recycle=3600,
@@ -280,10 +282,10 @@ def _postgresql_database(
             **engine_kwargs,
         )
     except (sa_exc.ArgumentError, ImportError) as exc:
+        extra = "postgres" if url.get_backend_name() == "postgresql" else "mysql"
         raise ConfigurationError(
-            f"cannot use {redact(str(parsed))}: {exc} (pip install 'leasehold[postgres]')"
+            f"cannot use {redact(str(url))}: {exc} (pip install 'leasehold[{extra}]')"
         ) from exc
-    return Database(engine)
 
 
 def _configure_sessions(engine: Engine, *, idle_transaction_timeout: int | None) -> None:

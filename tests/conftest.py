@@ -8,11 +8,12 @@ import importlib.util
 import os
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 
 import pytest
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
 from storage import open_database
 from storage.database import Database
@@ -79,57 +80,87 @@ def unavailable(reason: str) -> None:
     pytest.skip(f"SKIPPED, NOT TESTED: {reason}")
 
 
-@contextmanager
-def scratch_mysql_database(prefix: str) -> Iterator[str]:
-    """A database of our own (``prefix`` + random suffix) on the MySQL/MariaDB server at
-    ``LEASEHOLD_TEST_MYSQL_URL``; yields its URL and drops it afterwards. Never touches another
-    database. An unreachable server is ``unavailable()``: a skip locally, a failure in CI."""
-    if importlib.util.find_spec("MySQLdb") is None:
-        unavailable("mysqlclient is not installed; run scripts/bootstrap.sh")
+@dataclass(frozen=True)
+class _Server:
+    """A database server the suite makes scratch databases on."""
+
+    label: str  # for messages
+    driver: str  # the module that must be importable
+    admin_url: URL  # where CREATE and DROP DATABASE run
+    url: URL  # a scratch database's URL is this with the database set
+    create: tuple[str, ...]  # statements, ``{name}`` for the database
+    drop: str
+    admin_options: dict[str, str]
+
+
+def _mysql() -> _Server:
     server = make_url(MYSQL_SERVER_URL)
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(server.set(database=None), pool_pre_ping=True)
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
-    except Exception as exc:
-        admin.dispose()
-        unavailable(f"MySQL/MariaDB at {server.render_as_string()} is not reachable: {exc}")
-    try:
-        yield server.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
-        admin.dispose()
+    return _Server(
+        "MySQL/MariaDB",
+        "MySQLdb",
+        server.set(database=None),
+        server,
+        ("CREATE DATABASE {name} CHARACTER SET utf8mb4",),
+        "DROP DATABASE IF EXISTS {name}",
+        {},
+    )
 
 
-@contextmanager
-def scratch_postgres_database(prefix: str) -> Iterator[str]:
-    """A database of our own (``prefix`` + random suffix) on the PostgreSQL server at
-    ``LEASEHOLD_TEST_POSTGRES_URL``; yields its URL and drops it afterwards (ending any session
-    still connected to it, e.g. a killed worker's). Never touches another database. An
-    unreachable server is ``unavailable()``: a skip locally, a failure in CI."""
-    if importlib.util.find_spec("psycopg") is None:
-        unavailable("psycopg is not installed; run scripts/bootstrap.sh")
+def _postgres() -> _Server:
     server = make_url(POSTGRES_SERVER_URL)
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    # CREATE/DROP DATABASE cannot run inside a transaction block.
-    admin = create_engine(server, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f"CREATE DATABASE {name}"))
+    return _Server(
+        "PostgreSQL",
+        "psycopg",
+        server,
+        server,
+        (
+            "CREATE DATABASE {name}",
             # A test database needs no durability, and a flush per commit is most of a test's
             # time on a busy disk; a server crash is never survived by a test run anyway.
-            conn.execute(text(f"ALTER DATABASE {name} SET synchronous_commit = off"))
+            "ALTER DATABASE {name} SET synchronous_commit = off",
+        ),
+        # WITH (FORCE): ends any session still connected to it, e.g. a killed worker's.
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)",
+        # CREATE and DROP DATABASE cannot run inside a transaction block.
+        {"isolation_level": "AUTOCOMMIT"},
+    )
+
+
+@contextmanager
+def _scratch_database(server: _Server, prefix: str) -> Iterator[str]:
+    """A database of our own (``prefix`` + random suffix) on ``server``; yields its URL and drops
+    it afterwards. Never touches another database. An unreachable server is ``unavailable()``:
+    a skip locally, a failure in CI."""
+    if importlib.util.find_spec(server.driver) is None:
+        unavailable(f"{server.driver} is not installed; run scripts/bootstrap.sh")
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(server.admin_url, pool_pre_ping=True, **server.admin_options)
+    try:
+        with admin.connect() as conn:
+            for statement in server.create:
+                conn.execute(text(statement.format(name=name)))
+            conn.commit()
     except Exception as exc:
         admin.dispose()
-        unavailable(f"PostgreSQL at {server.render_as_string()} is not reachable: {exc}")
+        shown = server.admin_url.render_as_string()
+        unavailable(f"{server.label} at {shown} is not reachable: {exc}")
     try:
-        yield server.set(database=name).render_as_string(hide_password=False)
+        yield server.url.set(database=name).render_as_string(hide_password=False)
     finally:
         with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            conn.execute(text(server.drop.format(name=name)))
+            conn.commit()
         admin.dispose()
+
+
+def scratch_mysql_database(prefix: str) -> AbstractContextManager[str]:
+    """A scratch database on the MySQL/MariaDB server at ``LEASEHOLD_TEST_MYSQL_URL``."""
+    return _scratch_database(_mysql(), prefix)
+
+
+def scratch_postgres_database(prefix: str) -> AbstractContextManager[str]:
+    """A scratch database on the PostgreSQL server at ``LEASEHOLD_TEST_POSTGRES_URL``."""
+    return _scratch_database(_postgres(), prefix)
 
 
 @pytest.fixture(scope="session")

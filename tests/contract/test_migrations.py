@@ -598,8 +598,8 @@ def test_upgrade_refuses_a_dialect_it_has_no_lock_for(
 ) -> None:
     db = open_database(f"sqlite:///{tmp_path / 'other.sqlite3'}")
     try:
-        monkeypatch.setattr(db.engine.dialect, "name", "postgresql")
-        with pytest.raises(ConfigurationError, match="no migration lock for the 'postgresql'"):
+        monkeypatch.setattr(db.engine.dialect, "name", "oracle")
+        with pytest.raises(ConfigurationError, match="no migration lock for the 'oracle'"):
             upgrade(db)
         monkeypatch.undo()
         assert current_revision(db) is None
