@@ -63,17 +63,18 @@ def settle_unowned(db: Database, request: ControlRequest) -> Settlement:
     returned as that racer settled it, and nothing changes.
     """
     apply_id, action = request.apply_id, request.action
-    for txn in db.attempts():
-        with txn as conn:
-            seen = leasing.read(conn, apply_id)
-            line = lines.of(conn, apply_id)  # an apply never changes its line
+    with db.transaction() as conn:
+        seen = leasing.read(conn, apply_id)
+        line = lines.of(conn, apply_id)  # an apply never changes its line
     if _owner_acts(ApplyState(seen.state), action):
         return Settlement(request, ApplyState(seen.state))  # no lock: nothing to change here
     token, successor_token = mint_token(), mint_token()
     for txn in db.attempts():
         with txn as conn:
-            # Locks first: under REPEATABLE READ the first plain read fixes the snapshot that every
-            # later one (the request, the line's head) reads, so none may come before the locks.
+            # Locks first: under InnoDB's REPEATABLE READ the first plain read fixes the snapshot
+            # that every later one (the request, the line's head) reads, so none may come before
+            # the locks. (PostgreSQL's is fixed by the first statement: a lock that waited for a
+            # change fails to serialize, and attempts() runs this again.)
             lines.lock(conn, line)
             row = leasing.lock(conn, apply_id)
             state = ApplyState(row.state)
@@ -144,9 +145,8 @@ def _owner_acts(state: ApplyState, action: ControlAction) -> bool:
 def check_retryable(db: Database, apply_id: int) -> None:
     """Refuse a retry of an apply that has not failed before anything is recorded (an unlocked
     read: ``settle_unowned`` decides again under the locks). ``ApplyNotFound`` for an unknown id."""
-    for txn in db.attempts():
-        with txn as conn:
-            state = ApplyState(leasing.read(conn, apply_id).state)
+    with db.transaction() as conn:
+        state = ApplyState(leasing.read(conn, apply_id).state)
     if state != ApplyState.FAILED:
         raise retry_refused(apply_id, state)
 

@@ -44,9 +44,8 @@ def submit(db: Database, new: NewApply) -> Submitted:
 def dispatch_waiting(db: Database) -> list[Lease]:
     """Dispatch the waiting head of every line that has one (a reclaim pass runs this after its
     batches). Lines whose head is running, dispatched or stopped are only read."""
-    for txn in db.attempts():
-        with txn as conn:
-            candidates = lines.waiting(conn)
+    with db.transaction() as conn:
+        candidates = lines.waiting(conn)
     sent: list[Lease] = []
     for line in candidates:
         lease = _promote_if_waiting(db, line)
@@ -57,9 +56,8 @@ def dispatch_waiting(db: Database) -> list[Lease]:
 
 
 def _promote_if_waiting(db: Database, line: Line) -> Lease | None:
-    for txn in db.attempts():
-        with txn as conn:
-            first = lines.head(conn, line)
+    with db.transaction() as conn:
+        first = lines.head(conn, line)
     if first is None or first.state not in WAITING_STATES:
         return None  # the common case: an apply is running; no lock taken
     token = mint_token()
