@@ -192,13 +192,13 @@ def sqlite_file(tmp_path_factory: pytest.TempPathFactory) -> str:
     return url
 
 
-@pytest.fixture(params=["sqlite", "mysql", "postgres"])
+# The session fixture that is each store, migrated: what a test parametrized by store asks for.
+STORE_FIXTURES = {"sqlite": "sqlite_file", "mysql": "mysql_server", "postgres": "postgres_server"}
+
+
+@pytest.fixture(params=list(STORE_FIXTURES))
 def backend_url(request: pytest.FixtureRequest) -> str:
-    if request.param == "mysql":
-        return str(request.getfixturevalue("mysql_server"))
-    if request.param == "postgres":
-        return str(request.getfixturevalue("postgres_server"))
-    return str(request.getfixturevalue("sqlite_file"))
+    return str(request.getfixturevalue(STORE_FIXTURES[request.param]))
 
 
 @pytest.fixture

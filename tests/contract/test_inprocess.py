@@ -23,6 +23,7 @@ from tasks import runtime
 from tasks.app import app
 from tests import support
 from tests.celery_fixtures import inprocess_worker, sleep_apply, task_rows, wait_until
+from tests.conftest import STORE_FIXTURES
 from tests.support import hand_back
 
 RESULT_TIMEOUT = 20.0
@@ -32,11 +33,9 @@ CONTROL = "leasehold.control_apply"
 RECLAIM = "leasehold.reclaim_stale_applies"
 
 
-@pytest.fixture(scope="module", params=["sqlite", "mysql"])
+@pytest.fixture(scope="module", params=list(STORE_FIXTURES))
 def worker_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    url = str(
-        request.getfixturevalue("mysql_server" if request.param == "mysql" else "sqlite_file")
-    )
+    url = str(request.getfixturevalue(STORE_FIXTURES[request.param]))
     with inprocess_worker(url):
         yield url
 

@@ -24,17 +24,16 @@ from tasks.app import app
 from tasks.slots import ApplySlots
 from tests import support
 from tests.celery_fixtures import inprocess_worker, sleep_apply, wait_until
+from tests.conftest import STORE_FIXTURES
 
 SLOTS = 2
 RESULT_TIMEOUT = 20.0
 RUN_APPLY = "leasehold.run_apply"
 
 
-@pytest.fixture(scope="module", params=["sqlite", "mysql"])
+@pytest.fixture(scope="module", params=list(STORE_FIXTURES))
 def worker(request: pytest.FixtureRequest) -> Iterator[Any]:
-    url = str(
-        request.getfixturevalue("mysql_server" if request.param == "mysql" else "sqlite_file")
-    )
+    url = str(request.getfixturevalue(STORE_FIXTURES[request.param]))
     overrides = {"leasehold_worker_concurrency": SLOTS, "leasehold_heartbeat_interval": 0.1}
     with inprocess_worker(url, overrides=overrides, concurrency=2) as started:
         started.test_url = url
