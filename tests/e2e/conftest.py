@@ -1,4 +1,6 @@
-"""Fixtures of the end-to-end suite: every test runs on four stacks.
+"""Fixtures of the end-to-end suite: every test runs on Redis + MariaDB and on the embedded
+default, and on PostgreSQL + Redis or RabbitMQ + MariaDB where the module is about the store or
+the broker (a module's ``STACKS``). The stacks:
 
 - ``redis``: Redis broker (database 11) + Redis result backend (database 12) + a MariaDB/MySQL
   database created for the module and dropped after it. Skipped locally (failed in CI) when

@@ -42,6 +42,10 @@ from tests.e2e.helpers import (
 )
 
 pytestmark = pytest.mark.slow
+# Stacks: slots and the apply queue are the broker's business (ready and unacknowledged
+# messages on Redis and RabbitMQ); the store's part is as on Redis + MariaDB
+# (tests/e2e/conftest.py).
+STACKS = frozenset({"redis", "rabbitmq", "sqlite"})
 
 LONG = 120.0  # an apply that outlives the test unless stopped
 # The goals, with room for a loaded machine: generous, not tight.

@@ -37,6 +37,9 @@ from tests.e2e.helpers import (
 )
 
 pytestmark = pytest.mark.slow
+# Stacks: control is rotations and lines in the store, so PostgreSQL too; on RabbitMQ the
+# control queue is covered by the poison and contract modules (tests/e2e/conftest.py).
+STACKS = frozenset({"redis", "postgres", "sqlite"})
 
 CONTROL = "leasehold.control_apply"
 

@@ -21,6 +21,9 @@ from tests.e2e.helpers import (
 )
 
 pytestmark = pytest.mark.slow
+# Stacks: doctor's store checks run on every store in tests/contract/test_doctor.py, and its
+# dead-letter report on RabbitMQ in test_poison.py (tests/e2e/conftest.py).
+STACKS = frozenset({"redis", "sqlite"})
 
 
 def doctor(stack: Stack) -> tuple[int, list[str]]:

@@ -45,6 +45,9 @@ from tests.e2e.helpers import (
 )
 
 pytestmark = pytest.mark.slow
+# Stacks: failover is reclaim and the fence in the store, so PostgreSQL too; RabbitMQ's side
+# of a worker that holds a delivery is test_rabbitmq.py (tests/e2e/conftest.py).
+STACKS = frozenset({"redis", "postgres", "sqlite"})
 
 # kill -> resume: staleness, then at most one reclaim interval, then a message delivery (the
 # filesystem transport polls once a second) and the redemption.
