@@ -21,9 +21,12 @@ class Mark:
 
 
 def touch(db: Database, name: str, *, detail: str | None = None) -> None:
-    with db.transaction() as conn:
-        if conn.execute(statements.touch_mark(name, detail=detail)).rowcount != 1:
-            raise RowNotFound(f"no mark {name!r}: is the store migrated?")
+    # Two passes touching one mark at once wait for each other: under PostgreSQL's REPEATABLE
+    # READ the second fails to serialize, and attempts() runs it again.
+    for txn in db.attempts():
+        with txn as conn:
+            if conn.execute(statements.touch_mark(name, detail=detail)).rowcount != 1:
+                raise RowNotFound(f"no mark {name!r}: is the store migrated?")
 
 
 def read(db: Database, name: str) -> Mark:
