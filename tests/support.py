@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 import socket
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from sqlalchemy import Connection, select, update
 
@@ -40,6 +42,20 @@ REPO = Path(__file__).resolve().parent.parent
 # The console script beside this interpreter (a venv's), else the module.
 _SCRIPT = Path(sys.executable).parent / "leasehold"
 LEASEHOLD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "tasks.cli"]
+
+
+def flock_within(lock: IO[str], seconds: float) -> bool:
+    """Take an exclusive ``flock`` on the open file ``lock``, waiting at most ``seconds`` (the
+    holder is another test run on this machine, which may be slow but never a deadlock)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)  # paces the poll only: flock itself decides
 
 
 def environment(folder: Path, **variables: str) -> dict[str, str]:

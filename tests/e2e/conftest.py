@@ -91,18 +91,11 @@ def _exclusive_redis_databases() -> Iterator[None]:
     consume each other's messages and flush each other's results."""
     path = Path(tempfile.gettempdir()) / f"leasehold-e2e-redis-{BROKER_DB}-{RESULTS_DB}.lock"
     with open(path, "a") as lock:
-        deadline = time.monotonic() + LOCK_WAIT
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    unavailable(
-                        f"another test run kept Redis databases {BROKER_DB}/{RESULTS_DB} "
-                        f"busy for {LOCK_WAIT:g}s ({path})"
-                    )
-                time.sleep(0.5)
+        if not support.flock_within(lock, LOCK_WAIT):
+            unavailable(
+                f"another test run kept Redis databases {BROKER_DB}/{RESULTS_DB} "
+                f"busy for {LOCK_WAIT:g}s ({path})"
+            )
         try:
             yield
         finally:

@@ -8,13 +8,13 @@ from __future__ import annotations
 import fcntl
 import re
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from tests import support
 from tests.e2e.helpers import Stack
 
 
@@ -126,17 +126,8 @@ LOCK_WAIT = 300.0
 @contextmanager
 def server_settings() -> Iterator[ServerSettings]:
     with open(SETTINGS_LOCK, "a") as lock:
-        deadline = time.monotonic() + LOCK_WAIT
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"another run held {SETTINGS_LOCK} for {LOCK_WAIT:g}s"
-                    ) from None
-                time.sleep(0.5)
+        if not support.flock_within(lock, LOCK_WAIT):
+            raise TimeoutError(f"another run held {SETTINGS_LOCK} for {LOCK_WAIT:g}s")
         settings = ServerSettings()
         try:
             yield settings

@@ -29,7 +29,8 @@ from kombu import connection as kombu_connection
 from storage import open_database
 from storage.migrate import upgrade
 from tests.e2e import rabbitmq
-from tests.e2e.conftest import attach_cluster, stack_settings
+from tests.e2e.conftest import stack_settings
+from tests.e2e.faults import fault_cluster
 from tests.e2e.helpers import (
     RESULT_TIMEOUT,
     SLACK,
@@ -89,13 +90,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 @pytest.fixture
 def cluster(stack: Stack, request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    cluster = Cluster(stack)
-    attach_cluster(request, cluster)
-    cluster.begin_test()
-    try:
+    with fault_cluster(stack, request) as cluster:
         yield cluster
-    finally:
-        cluster.close()
 
 
 class Canary:
