@@ -7,10 +7,12 @@ Knows nothing of Celery; imports only ``storage``. Its errors (``LeaseLost``, ..
 from leases.fence import fence
 from leases.lease import Lease, mint_token
 from leases.lifecycle import (
+    Renewal,
     check,
     dispatch,
     dispatch_sent,
     heartbeat,
+    heartbeat_all,
     owe_dispatch,
     owed_dispatches,
     redeem,
@@ -22,6 +24,7 @@ __all__ = [
     "Lease",
     "ReclaimPolicy",
     "Reclaimed",
+    "Renewal",
     "Submitted",
     "check",
     "dispatch",
@@ -29,6 +32,7 @@ __all__ = [
     "dispatch_waiting",
     "fence",
     "heartbeat",
+    "heartbeat_all",
     "mint_token",
     "owe_dispatch",
     "owed_dispatches",

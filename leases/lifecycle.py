@@ -10,12 +10,15 @@ their own WHERE clause. None of these raises ``LeaseLost`` for a connection erro
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from leases.lease import Lease, mint_token
 from storage import _leasing as leasing
 from storage import _lines as lines
+from storage import control
+from storage.control import ControlRequest
 from storage.database import Database
-from storage.errors import InvalidTransition
+from storage.errors import InvalidTransition, LeaseLost
 from storage.states import ApplyState
 
 # States from which an apply with no holder may be dispatched: first dispatch and resume.
@@ -113,6 +116,36 @@ def heartbeat(db: Database, lease: Lease) -> None:
     for txn in db.attempts():
         with txn as conn:
             leasing.heartbeat(conn, lease.apply_id, epoch=lease.epoch, token=lease.token)
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """One batched heartbeat of a worker, by apply id: the leases renewed (with the control
+    requests pending for them), the ones proven lost, and the ones skipped because another
+    transaction held their row (neither renewed nor lost: tried again at the next beat)."""
+
+    renewed: frozenset[int]
+    lost: dict[int, LeaseLost] = field(default_factory=dict)
+    busy: frozenset[int] = frozenset()
+    requests: dict[int, list[ControlRequest]] = field(default_factory=dict)
+
+
+def heartbeat_all(db: Database, held: Iterable[Lease]) -> Renewal:
+    """Renew every lease of ``held`` that is still current and read the control requests pending
+    for them: one transaction of three statements, whatever their number (a worker's heartbeat).
+
+    Each lease is fenced as :func:`heartbeat` fences one: renewed only while current and running,
+    by the database clock; ``lost`` only on a row that proves it. A connection error raises
+    (``StorageUnavailable``): it proves nothing about any lease.
+    """
+    leases = [(lease.apply_id, lease.epoch, lease.token) for lease in held]
+    if not leases:
+        return Renewal(frozenset())
+    for txn in db.attempts():
+        with txn as conn:
+            found = leasing.renew_held(conn, leases)
+            requests = control.pending_in(conn, found.renewed)
+    return Renewal(found.renewed, found.lost, found.busy, requests)
 
 
 def check(db: Database, lease: Lease) -> None:

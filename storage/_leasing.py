@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import Connection
 
 from storage import _statements as statements
-from storage.errors import ApplyNotFound, InvalidTransition, LeaseLost
+from storage.errors import ApplyNotFound, InvalidTransition, LeaseLost, StorageIntegrityError
 from storage.states import ApplyState
 
 
@@ -150,6 +150,59 @@ def heartbeat(conn: Connection, apply_id: int, *, epoch: int, token: str) -> Non
     result = conn.execute(statements.heartbeat(apply_id, epoch=epoch, token=token))
     if result.rowcount != 1:
         raise explain_mismatch(conn, apply_id, epoch, token, wanted="heartbeat")
+
+
+@dataclass(frozen=True, slots=True)
+class Renewed:
+    """What one batched heartbeat found, by apply id."""
+
+    renewed: frozenset[int]
+    lost: dict[int, LeaseLost]
+    busy: frozenset[int]  # locked by another transaction now: neither renewed nor lost
+
+
+def renew_held(conn: Connection, held: Iterable[tuple[int, int, str]]) -> Renewed:
+    """Renew every lease in ``held`` ((apply id, epoch, token) each) that is still current, in
+    two statements whatever their number: lock and read the rows, then renew those that match.
+
+    A lease is lost only when its row, read under the lock, proves it (another epoch or token, a
+    state other than running, or no row); a row locked by another transaction is skipped.
+    """
+    wanted = {apply_id: (epoch, token) for apply_id, epoch, token in held}
+    rows = {r.id: r for r in conn.execute(statements.lock_held(wanted))}
+    current: list[tuple[int, int, str]] = []
+    lost: dict[int, LeaseLost] = {}
+    busy: set[int] = set()
+    for apply_id, (epoch, token) in wanted.items():
+        row = rows.get(apply_id)
+        if row is None:
+            # Skipped because locked, or gone: only a plain read tells which (rare).
+            found = conn.execute(statements.read_lease_row(apply_id)).one_or_none()
+            if found is None:
+                lost[apply_id] = LeaseLost(apply_id, epoch, reason="the apply does not exist")
+            else:
+                busy.add(apply_id)
+        elif row.lease_epoch != epoch or row.lease_token != token:
+            lost[apply_id] = LeaseLost(
+                apply_id, epoch, current_epoch=row.lease_epoch, state=row.state
+            )
+        elif row.state != ApplyState.RUNNING:
+            lost[apply_id] = LeaseLost(
+                apply_id,
+                epoch,
+                state=row.state,
+                reason=f"the apply is {row.state}, cannot heartbeat",
+            )
+        else:
+            current.append((apply_id, epoch, token))
+    if current:
+        renewed = conn.execute(statements.renew_held(current)).rowcount
+        if renewed != len(current):
+            # The rows are locked by this transaction: nothing can have moved them.
+            raise StorageIntegrityError(
+                f"a batched heartbeat renewed {renewed} of {len(current)} locked leases"
+            )
+    return Renewed(frozenset(a for a, _, _ in current), lost, frozenset(busy))
 
 
 def check(conn: Connection, apply_id: int, *, epoch: int, token: str) -> LeaseRow:

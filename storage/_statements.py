@@ -26,6 +26,7 @@ from sqlalchemy import (
     insert,
     literal,
     select,
+    tuple_,
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import aliased
@@ -175,6 +176,41 @@ def heartbeat(apply_id: int, *, epoch: int, token: str) -> Update:
             applies.c.id == apply_id,
             applies.c.lease_epoch == epoch,
             applies.c.lease_token == token,
+            applies.c.state == ApplyState.RUNNING,
+        )
+        .values(heartbeat_at=clock.now())
+    )
+
+
+def lock_held(apply_ids: Iterable[int]) -> Select[Any]:
+    """A worker's batched heartbeat, step 1: lock the lease rows of the applies it holds, skipping
+    those locked now (the owner's own fence in flight, or a reclaimer's rotation), and read them.
+
+    A locking read sees the newest committed row, as the fence does; ``SKIP LOCKED`` keeps one
+    apply's held row from delaying every other lease of the worker (the skipped one is neither
+    renewed nor lost this beat). No ``state`` in the WHERE clause: the primary key alone finds
+    the rows, so no index entry of ``(state, heartbeat_at)`` is locked (see ``_by_primary_key``).
+    On SQLite the clause is omitted: BEGIN IMMEDIATE holds the whole database.
+    """
+    return (
+        select(applies.c.id, applies.c.state, applies.c.lease_epoch, applies.c.lease_token)
+        .where(applies.c.id.in_(sorted(apply_ids)))
+        .order_by(applies.c.id)
+        .with_for_update(skip_locked=True)
+    )
+
+
+def renew_held(leases: Iterable[tuple[int, int, str]]) -> Update:
+    """A worker's batched heartbeat, step 2: renew the leases that step 1 proved current, in one
+    statement. The rows are locked by step 1 already; the precondition stays in the WHERE clause
+    all the same, so that the statement is a fence of its own (``rowcount`` must be all of them).
+    """
+    held = sorted(leases)
+    return _by_primary_key(
+        applies.update()
+        .where(
+            applies.c.id.in_([apply_id for apply_id, _, _ in held]),
+            tuple_(applies.c.id, applies.c.lease_epoch, applies.c.lease_token).in_(held),
             applies.c.state == ApplyState.RUNNING,
         )
         .values(heartbeat_at=clock.now())
@@ -588,6 +624,18 @@ def pending_control_requests(apply_id: int) -> Select[Any]:
             clock.age_of(control_requests.c.created_at).label("age"),
         )
         .where(control_requests.c.apply_id == apply_id, control_requests.c.state == "pending")
+        .order_by(control_requests.c.id)
+    )
+
+
+def pending_control_requests_of(apply_ids: Iterable[int]) -> Select[Any]:
+    """The pending control requests of many applies (a worker's batched heartbeat polls them)."""
+    return (
+        select(control_requests.c.id, control_requests.c.apply_id, control_requests.c.action)
+        .where(
+            control_requests.c.apply_id.in_(sorted(apply_ids)),
+            control_requests.c.state == "pending",
+        )
         .order_by(control_requests.c.id)
     )
 

@@ -10,6 +10,7 @@ a failed apply has no owner.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import Connection
@@ -69,6 +70,20 @@ def pending(db: Database, apply_id: int) -> list[ControlRequest]:
     with db.transaction() as conn:
         rows = conn.execute(statements.pending_control_requests(apply_id))
         return [ControlRequest(int(r.id), apply_id, ControlAction(r.action)) for r in rows]
+
+
+def pending_in(conn: Connection, apply_ids: Iterable[int]) -> dict[int, list[ControlRequest]]:
+    """The pending requests of many applies, by apply id, in the caller's transaction (a worker's
+    batched heartbeat): one statement whatever their number."""
+    ids = set(apply_ids)
+    found: dict[int, list[ControlRequest]] = {}
+    if not ids:
+        return found
+    for r in conn.execute(statements.pending_control_requests_of(ids)):
+        found.setdefault(int(r.apply_id), []).append(
+            ControlRequest(int(r.id), int(r.apply_id), ControlAction(r.action))
+        )
+    return found
 
 
 def get(db: Database, request_id: int) -> ControlRequest:

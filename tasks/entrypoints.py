@@ -28,7 +28,6 @@ from tasks.backoff import Backoff
 from tasks.dispatcher import send_notification, send_run
 from tasks.engines import make_engine
 from tasks.github.effects import github_effects
-from tasks.heartbeat import Heartbeat
 from tasks.interrupts import Interrupts
 from tasks.progress import CeleryProgress
 from tasks.runner import ApplyRunner
@@ -103,14 +102,8 @@ def run_apply(self: Any, apply_id: Any, lease: Any) -> dict[str, Any]:
     interrupts = Interrupts()
     effects = github_effects(db, held, interrupts, apply, settings, reclaimed=origin == "reclaimed")
     runtime.register_run(self.request.id, interrupts)
-    beat = Heartbeat(
-        db,
-        held,
-        interrupts,
-        interval=settings.heartbeat_interval,
-        stale_after=settings.stale_after,
-    )
-    beat.start()
+    beats = runtime.heartbeats()
+    beats.hold(held, interrupts)
     reporter = CeleryProgress.for_task(self, apply_id)
     try:
         outcome = ApplyRunner(
@@ -127,8 +120,7 @@ def run_apply(self: Any, apply_id: Any, lease: Any) -> dict[str, Any]:
         _report_lease_lost(self, {"apply_id": apply_id, "epoch": held.epoch, "reason": str(exc)})
         raise Ignore() from exc
     finally:
-        beat.stop()
-        beat.join()
+        beats.release(held)
         reporter.close()
         effects.close()
         runtime.unregister_run(self.request.id)

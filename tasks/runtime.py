@@ -16,6 +16,7 @@ from storage import migrate
 from storage.database import Database, open_database
 from storage.errors import SchemaError, StorageUnavailable
 from tasks.app import app
+from tasks.heartbeat import Heartbeats
 from tasks.interrupts import Interrupts, Reason
 from tasks.settings import Settings
 
@@ -25,6 +26,7 @@ _lock = threading.Lock()
 _db: Database | None = None
 _settings: Settings | None = None
 _runs: dict[str, Interrupts] = {}
+_heartbeats: Heartbeats | None = None
 _shutting_down = False  # set on a warm shutdown: this process takes on no apply any more
 
 
@@ -49,13 +51,31 @@ def database() -> Database:
         return _db
 
 
+def heartbeats() -> Heartbeats:
+    """This process's heartbeat: one thread renews every lease its apply slots hold."""
+    global _heartbeats
+    db = database()
+    current = settings()
+    with _lock:
+        if _heartbeats is None or _heartbeats.db is not db:
+            if _heartbeats is not None:
+                _heartbeats.stop()
+            _heartbeats = Heartbeats(
+                db, interval=current.heartbeat_interval, stale_after=current.stale_after
+            )
+            _heartbeats.start()
+        return _heartbeats
+
+
 def reset() -> None:
     """Forget the cached settings and database (after ``app.conf`` changed, e.g. in tests)."""
-    global _db, _settings, _shutting_down
+    global _db, _settings, _shutting_down, _heartbeats
     with _lock:
+        if _heartbeats is not None:
+            _heartbeats.stop()
         if _db is not None:
             _db.dispose()
-        _db, _settings, _shutting_down = None, None, False
+        _db, _settings, _shutting_down, _heartbeats = None, None, False, None
 
 
 def shutting_down() -> bool:
@@ -86,11 +106,12 @@ def hand_back_all() -> int:
 
 
 def _reset_after_fork(**_: Any) -> None:
-    global _db
+    global _db, _heartbeats
     with _lock:
         if _db is not None:
             _db.engine.dispose(close=False)  # the parent's connections stay the parent's
         _db = None
+        _heartbeats = None  # its threads were the parent's: a child starts its own
 
 
 def _on_warm_shutdown(sig: str = "", how: str = "", exitcode: int = 0, **_: Any) -> None:

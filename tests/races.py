@@ -349,3 +349,28 @@ def prove_blocked(
             f" while connection {holder}'s transaction is open",
         )
     assert not worker.finished_within(SETTLE), f"{what} finished although it should be blocked"
+
+
+def returned_without_waiting(observer: Database, worker: Worker[T], tap: Tap, *, what: str) -> T:
+    """MySQL: ``worker`` (started) finishes, and until it does, InnoDB never shows any of its
+    connections in ``LOCK WAIT``: it skips locked rows rather than waiting for them. A worker that
+    waits fails the test as soon as the wait is seen, not after a timeout."""
+
+    def waiting() -> list[str]:
+        now = transactions(observer)
+        return [
+            str(now[cid].waiting_for)
+            for cid in tap.connection_ids(worker.thread)
+            if cid in now and now[cid].waiting_for is not None
+        ]
+
+    def settled() -> bool:
+        if not worker.thread.is_alive():
+            return True
+        seen = waiting()
+        if seen:
+            pytest.fail(f"{what} waits for a lock on {seen} instead of skipping it", pytrace=False)
+        return False
+
+    wait_until(settled, f"{what} returns", timeout=POLL)
+    return worker.result()

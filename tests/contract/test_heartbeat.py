@@ -5,6 +5,7 @@ failures, and presumes the lease lost only after ``stale_after`` of (injected) t
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -236,20 +237,14 @@ def test_a_heartbeat_that_hangs_is_presumed_lost_after_stale_after_all_the_same(
     db: Database, lease: Lease, clock: FakeClock, open_db: Callable[..., Database]
 ) -> None:
     """A partition can hang a statement instead of failing it (packets dropped silently). Here
-    another connection holds the apply row (MariaDB) or the database write lock (SQLite), so
-    the heartbeat's UPDATE waits inside the driver and neither succeeds nor fails. The
-    presumption of loss does not wait for it: stale_after after the last success, the lease is
-    presumed lost while the beat is still blocked."""
+    another connection holds the applies table (a table lock on the servers: the heartbeat skips
+    a locked *row*) or the database write lock (SQLite), so the heartbeat's first statement waits
+    inside the driver and neither succeeds nor fails. The presumption of loss does not wait for
+    it: stale_after after the last success, the lease is presumed lost while the beat is still
+    blocked."""
     holder = open_db()
     beat, interrupts = _heartbeat(db, lease, clock)
-    with holder.transaction() as conn:
-        if holder.is_sqlite:
-            conn.execute(text("UPDATE applies SET updated_at = updated_at WHERE id = :id"),
-                         {"id": lease.apply_id})  # fmt: skip
-        else:
-            conn.execute(
-                text("SELECT id FROM applies WHERE id = :id FOR UPDATE"), {"id": lease.apply_id}
-            )
+    with _holding_the_applies_table(holder):
         beat.start()
         try:
             wait_until(lambda: beat.beats == 0 and beat.is_alive(), what="the heartbeat started")
@@ -259,8 +254,26 @@ def test_a_heartbeat_that_hangs_is_presumed_lost_after_stale_after_all_the_same(
             assert interrupts.event.wait(10), "a hung heartbeat kept the lease for ever"
             assert interrupts.lost is not None
             assert "presumed lost" in str(interrupts.lost)
-            assert beat.beats == 0  # the beat itself is still waiting for the row
+            assert beat.beats == 0  # the beat itself is still waiting for the table
         finally:
             beat.stop()
     beat.join(60)  # the blocked beat ends once the row is free
     assert not beat.is_alive()
+
+
+@contextmanager
+def _holding_the_applies_table(holder: Database) -> Iterator[None]:
+    with holder.transaction() as conn:
+        if holder.is_sqlite:
+            conn.execute(text("UPDATE applies SET updated_at = updated_at"))
+            yield
+        elif holder.dialect == "postgresql":
+            conn.execute(text("LOCK TABLE applies IN ACCESS EXCLUSIVE MODE"))
+            yield
+        else:
+            # LOCK TABLES ends the transaction and outlives the next one: unlocked by hand.
+            conn.execute(text("LOCK TABLES applies WRITE"))
+            try:
+                yield
+            finally:
+                conn.execute(text("UNLOCK TABLES"))
