@@ -69,6 +69,14 @@ SAME_EPOCH = (
 HEARTBEAT_NEVER_ISSUED = f"{LIFECYCLE}::test_heartbeat_of_a_lease_never_issued_is_lease_lost"
 
 
+BATCHED = f"{CONTRACT}/test_batched_heartbeat.py"
+BATCH_RECLAIMED = f"{BATCHED}::test_one_apply_of_a_batch_reclaimed_while_the_batch_renews"
+BATCH_LOST = f"{BATCHED}::test_each_lease_of_a_batch_is_lost_only_by_its_own_row"
+BATCH_LOCK = "        .order_by(applies.c.id)\n        .with_for_update(skip_locked=True)\n"
+BATCH_CHECK = "        elif row.lease_epoch != epoch or row.lease_token != token:\n"
+BATCH_STATE_CHECK = "        elif row.state != ApplyState.RUNNING:\n"
+
+
 @dataclass(frozen=True)
 class Patch:
     path: str
@@ -218,6 +226,35 @@ MUTANTS: tuple[Mutant, ...] = (
             STATEMENTS,
             HEARTBEAT_WHERE,
             without(HEARTBEAT_WHERE, "applies.c.state == ApplyState.RUNNING,"),
+        ),
+    ),
+    # --- a worker's batched heartbeat ---------------------------------------------------------
+    mutant(
+        "batch-heartbeat-without-row-lock",
+        "the batched heartbeat reads its rows without locking them: it decides on a row that a "
+        "rotation in flight is about to change",
+        [BATCH_RECLAIMED],
+        (
+            STATEMENTS,
+            BATCH_LOCK,
+            BATCH_LOCK.replace("        .with_for_update(skip_locked=True)\n", ""),
+        ),
+    ),
+    mutant(
+        "batch-heartbeat-without-token-check",
+        "the batched heartbeat compares epochs only: a lease of the current epoch with another "
+        "token is taken for current",
+        [BATCH_LOST],
+        (LEASING, BATCH_CHECK, BATCH_CHECK.replace(" or row.lease_token != token", "")),
+    ),
+    mutant(
+        "batch-heartbeat-without-running-check",
+        "the batched heartbeat renews a lease whose apply left running",
+        [BATCH_LOST],
+        (
+            LEASING,
+            BATCH_STATE_CHECK,
+            BATCH_STATE_CHECK.replace("row.state != ApplyState.RUNNING", "False"),
         ),
     ),
     # --- rotation --------------------------------------------------------------------------------

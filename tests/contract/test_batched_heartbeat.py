@@ -101,30 +101,36 @@ def test_an_empty_batch_sends_nothing(db: Database) -> None:
 
 
 def test_each_lease_of_a_batch_is_lost_only_by_its_own_row(db: Database) -> None:
-    """A rotated lease, a lease whose apply left running and a forged one are lost, each with the
+    """A rotated lease, a lease whose apply left running, one of the current epoch with another
+    token, one nobody redeemed and one of an apply that does not exist are lost, each with the
     reason its row gives; nothing of theirs is written; the rest of the batch is renewed."""
     kept = [support.running_lease(db) for _ in range(2)]
     rotated = support.running_lease(db)
     new = support.hand_back(db, rotated, reason="test rotation")
     released = support.running_lease(db)
     support.release(db, released, reason="stopped elsewhere")
+    running = support.running_lease(db)
+    other_token = Lease(running.apply_id, running.epoch, mint_token())
+    unredeemed = leases.dispatch(db, support.new_apply(db))
     forged = Lease(kept[0].apply_id + 1000, 1, mint_token())
-    for lease in kept:
-        support.age_heartbeat(db, lease.apply_id, 120)
-    before = {a: support.lease_of(db, a) for a in (rotated.apply_id, released.apply_id)}
-    ages = {a: _age(db, a) for a in (rotated.apply_id, released.apply_id)}
+    losers = (rotated.apply_id, released.apply_id, running.apply_id, unredeemed.apply_id)
+    for apply_id in (*losers, *(lease.apply_id for lease in kept)):
+        support.age_heartbeat(db, apply_id, 120)
+    before = {a: support.lease_of(db, a) for a in losers}
 
-    renewal = leases.heartbeat_all(db, [*kept, rotated, released, forged])
+    renewal = leases.heartbeat_all(db, [*kept, rotated, released, other_token, unredeemed, forged])
 
     assert renewal.renewed == {lease.apply_id for lease in kept}
-    assert set(renewal.lost) == {rotated.apply_id, released.apply_id, forged.apply_id}
+    assert set(renewal.lost) == {*losers, forged.apply_id}
     assert renewal.lost[rotated.apply_id].current_epoch == new.epoch
+    assert renewal.lost[running.apply_id].current_epoch == running.epoch
     assert "stopped" in str(renewal.lost[released.apply_id])
+    assert "dispatched" in str(renewal.lost[unredeemed.apply_id])
     assert "does not exist" in str(renewal.lost[forged.apply_id])
     assert all(isinstance(e, LeaseLost) for e in renewal.lost.values())
     for apply_id, row in before.items():
         assert support.lease_of(db, apply_id) == row
-        assert _age(db, apply_id) >= ages[apply_id]  # not renewed
+        assert _age(db, apply_id) >= 119  # not renewed
     for lease in kept:
         assert _age(db, lease.apply_id) < 5
 
