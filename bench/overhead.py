@@ -3,9 +3,12 @@ trip on the same broker, the same worker and the same result backend.
 
 - apply: ``send_task("leasehold.submit_apply", ...)`` of a ``sleep``-engine apply with one task of
   0 seconds, as another app would submit it, until the apply is ``completed`` in the database.
-  That is two Celery tasks (``submit_apply``, which validates, inserts and dispatches; then
-  ``run_apply``, which redeems, starts the heartbeat, runs the task with fenced writes and ends
-  the lease) and about a dozen database transactions. Timed two ways: by this process's clock
+  That is two Celery tasks (``submit_apply``, which validates, inserts and dispatches in one
+  transaction; then ``run_apply``, which redeems, reads the apply, its tasks and pending requests
+  in one transaction, joins the worker's heartbeat, starts the task in the fence that confirms
+  the lease before it runs, and completes it in the transaction that ends the lease and passes
+  the line's turn on) and six database transactions, the last (the completion notification)
+  after the apply is done. Timed two ways: by this process's clock
   until it sees the ``completed`` row (polling every 2 ms), and by the database clock from
   ``NOW()`` just before the send to the apply's ``finished_at`` (no polling in it).
 - plain: ``send_task("celery.accumulate", args=[i]).get()``: Celery's built-in no-op task,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 from leases.lease import Lease
 from storage.database import Database
@@ -11,7 +12,13 @@ from storage.fenced import Fenced, fenced_transaction
 
 
 @contextmanager
-def fence(db: Database, lease: Lease, *, finishing: bool = False) -> Iterator[Fenced]:
+def fence(
+    db: Database,
+    lease: Lease,
+    *,
+    finishing: bool = False,
+    apply_row: Mapping[Any, Any] | None = None,
+) -> Iterator[Fenced]:
     """A transaction that holds ``lease``'s apply row locked from its first statement to commit.
 
     Raises ``LeaseLost`` (nothing written) if the lease is not current, ``ApplyNotFound`` if the
@@ -20,9 +27,10 @@ def fence(db: Database, lease: Lease, *, finishing: bool = False) -> Iterator[Fe
     own, ``leases.effects``.
 
     ``finishing``: the block may end the apply (``storage.fenced.finish``), passing its line's
-    turn to the next apply, so the line is locked before the fence.
+    turn to the next apply, so the line is locked before the fence. ``apply_row``: the apply's
+    row as the caller read it, whose line it is (one read fewer).
     """
     with fenced_transaction(
-        db, lease.apply_id, lease.epoch, lease.token, finishing=finishing
+        db, lease.apply_id, lease.epoch, lease.token, finishing=finishing, apply_row=apply_row
     ) as fx:
         yield fx

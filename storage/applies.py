@@ -14,8 +14,9 @@ from sqlalchemy import Connection, RowMapping
 from storage import _leasing as leasing
 from storage import _lines as lines
 from storage import _statements as statements
-from storage import notifications
+from storage import control, notifications
 from storage._lines import Line, LineMissing, Place, Promoted
+from storage.control import ControlRequest
 from storage.database import Database
 from storage.errors import ApplyNotFound, StorageIntegrityError
 from storage.notifications import Notify
@@ -59,38 +60,50 @@ def create(db: Database, new: NewApply, *, turn_token: str | None = None) -> Cre
     transaction if it is waiting: the new apply itself when its line was free.
 
     A repeated ``request_id`` returns the existing apply and dispatches nothing, also when two
-    submissions race: the unique index decides, and the loser reads the winner's id.
+    submissions race: the unique index decides, and the loser reads the winner's id. It is
+    looked up in the same transaction once the line is locked (the lock first: under MySQL's
+    REPEATABLE READ the first plain read fixes the snapshot, which must not predate the lock).
     """
-    if new.request_id is not None:
-        existing = _by_request_id(db, new.request_id)
-        if existing is not None:
-            return Created(existing, created=False)
     for attempt in (1, 2):
-        promoted = None
         try:
             for txn in db.attempts():
                 with txn as conn:
                     lines.lock(conn, new.line, make=False)
-                    apply_id = _insert(conn, new)
-                    if new.notify is not None:
-                        notifications._record(conn, apply_id, new.notify)
-                    if turn_token is not None:
-                        promoted = lines.promote(conn, new.line, turn_token)
-                    if promoted is None or promoted.apply_id != apply_id:
-                        _log_if_behind(conn, new.line, apply_id)
-            return Created(apply_id, created=True, promoted=promoted)
+                    existing = None
+                    if new.request_id is not None:
+                        existing = _request_id_in(conn, new.request_id)
+                    created = _create_in(conn, new, turn_token) if existing is None else None
+            if created is None:
+                assert existing is not None
+                return Created(existing, created=False)
+            return created
         except LineMissing:
+            # A repeat (whatever its line) makes no line: it writes nothing at all.
+            found = None if new.request_id is None else _by_request_id(db, new.request_id)
+            if found is not None:
+                return Created(found, created=False)
             if attempt == 2:
                 raise
             lines.make(db, new.line)  # the line's first apply: make its row, then once more
         except StorageIntegrityError:
-            if new.request_id is None:
+            found = None if new.request_id is None else _by_request_id(db, new.request_id)
+            if found is None:
                 raise
-            existing = _by_request_id(db, new.request_id)
-            if existing is None:
-                raise
-            return Created(existing, created=False)
+            return Created(found, created=False)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _create_in(conn: Connection, new: NewApply, turn_token: str | None) -> Created:
+    """The insert of :func:`create`, in its transaction, under the line lock."""
+    apply_id = _insert(conn, new)
+    if new.notify is not None:
+        notifications._record(conn, apply_id, new.notify)
+    promoted = None
+    if turn_token is not None:
+        promoted = lines.promote(conn, new.line, turn_token)
+    if promoted is None or promoted.apply_id != apply_id:
+        _log_if_behind(conn, new.line, apply_id)
+    return Created(apply_id, created=True, promoted=promoted)
 
 
 def _insert(conn: Connection, new: NewApply) -> int:
@@ -144,7 +157,11 @@ def _log_if_behind(conn: Connection, line: Line, apply_id: int) -> None:
 
 def _by_request_id(db: Database, request_id: str) -> int | None:
     with db.transaction() as conn:
-        found = conn.execute(statements.apply_by_request_id(request_id)).scalar_one_or_none()
+        return _request_id_in(conn, request_id)
+
+
+def _request_id_in(conn: Connection, request_id: str) -> int | None:
+    found = conn.execute(statements.apply_by_request_id(request_id)).scalar_one_or_none()
     return None if found is None else int(found)
 
 
@@ -155,6 +172,33 @@ def get(db: Database, apply_id: int) -> RowMapping:
     if row is None:
         raise ApplyNotFound(apply_id)
     return row
+
+
+@dataclass(frozen=True, slots=True)
+class RunSnapshot:
+    """What a run of an apply starts from: its row (as :func:`get`), its apply tasks in order
+    (as :func:`tasks`) and its pending control requests, oldest first."""
+
+    apply: RowMapping
+    tasks: list[RowMapping]
+    requests: list[ControlRequest]
+
+
+def for_run(db: Database, apply_id: int) -> RunSnapshot:
+    """The apply, its tasks and its pending control requests in one transaction (one store
+    round trip instead of three, right after a worker redeemed the apply's lease)."""
+    with db.transaction() as conn:
+        return run_snapshot(conn, apply_id)
+
+
+def run_snapshot(conn: Connection, apply_id: int) -> RunSnapshot:
+    """:func:`for_run` in the caller's transaction (e.g. the one that redeems the lease)."""
+    row = conn.execute(statements.apply_row(apply_id)).mappings().one_or_none()
+    if row is None:
+        raise ApplyNotFound(apply_id)
+    rows = list(conn.execute(statements.apply_task_rows(apply_id)).mappings())
+    requests = control.pending_in(conn, [apply_id]).get(apply_id, [])
+    return RunSnapshot(row, rows, requests)
 
 
 def tasks(db: Database, apply_id: int) -> list[RowMapping]:

@@ -10,7 +10,7 @@ REPEATABLE READ and READ COMMITTED alike.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final, final
@@ -75,20 +75,29 @@ _PROOF: Final = object()
 
 @contextmanager
 def fenced_transaction(
-    db: Database, apply_id: int, epoch: int, token: str, *, finishing: bool = False
+    db: Database,
+    apply_id: int,
+    epoch: int,
+    token: str,
+    *,
+    finishing: bool = False,
+    apply_row: Mapping[Any, Any] | None = None,
 ) -> Iterator[Fenced]:
     """Open a transaction whose first lock is the fence; yield the handle; commit.
 
     If the block raises, everything it wrote is rolled back. ``LeaseLost`` or ``ApplyNotFound``
     come from the fence itself before anything is written. ``finishing``: the block may end the
     apply (:func:`finish`), which passes its line's turn on, so the line is locked first (the
-    lock order is a line, then its applies).
+    lock order is a line, then its applies). ``apply_row``: the apply's row as read before (its
+    ``id``, ``database_name`` and ``environment``), which saves reading its line again.
     """
+    known = None if apply_row is None else _line_of_row(apply_row, apply_id)
     for txn in db.attempts():
         with txn as conn:
             line = None
             if finishing:
-                line = lines.of(conn, apply_id)  # unlocked: an apply never changes its line
+                # Unlocked, or from the row read before: an apply never changes its line.
+                line = lines.of(conn, apply_id) if known is None else known
                 lines.lock(conn, line)
             # Under PostgreSQL's REPEATABLE READ a fence that waited for a rotation fails to
             # serialize: it is run again (nothing was written), and the fresh snapshot proves
@@ -102,6 +111,12 @@ def fenced_transaction(
                 handle._close()
 
 
+def _line_of_row(row: Mapping[Any, Any], apply_id: int) -> Line:
+    if row["id"] != apply_id:
+        raise FenceClosed(f"the row of apply {row['id']} does not tell apply {apply_id}'s line")
+    return Line(str(row["database_name"]), str(row["environment"]))
+
+
 def set_apply_state(fx: Fenced, state: ApplyState, *, error: str | None = None) -> None:
     """Move the held apply to ``state``. Leaving ``running`` ends the lease's rights: the fence
     admits only running applies."""
@@ -110,6 +125,18 @@ def set_apply_state(fx: Fenced, state: ApplyState, *, error: str | None = None) 
 
 def update_task(fx: Fenced, task_id: int, **values: Any) -> None:
     """Write an apply task's state, progress, checkpoint, times or error, stamping the epoch."""
+    values = task_values(values)
+    result = fx._connection().execute(
+        statements.update_task(fx.apply_id, task_id, epoch=fx.epoch, values=values)
+    )
+    if result.rowcount != 1:
+        raise RowNotFound(f"apply {fx.apply_id} has no apply task {task_id}")
+
+
+def task_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The values :func:`update_task` writes, checked (``InvalidInput``) before anything is:
+    also for a caller that writes them later, in a transaction of its own choosing."""
+    values = dict(values)
     unknown = set(values) - _TASK_COLUMNS
     if unknown:
         raise InvalidInput(f"unknown apply task columns: {sorted(unknown)}")
@@ -125,11 +152,7 @@ def update_task(fx: Fenced, task_id: int, **values: Any) -> None:
             raise InvalidInput(f"progress must be an int from 0 to 100, not {progress!r}")
     if "checkpoint" in values:
         _check_json("checkpoint", values["checkpoint"])
-    result = fx._connection().execute(
-        statements.update_task(fx.apply_id, task_id, epoch=fx.epoch, values=values)
-    )
-    if result.rowcount != 1:
-        raise RowNotFound(f"apply {fx.apply_id} has no apply task {task_id}")
+    return values
 
 
 def _check_json(name: str, value: object) -> None:

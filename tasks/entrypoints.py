@@ -97,7 +97,8 @@ def run_apply(self: Any, apply_id: Any, lease: Any) -> dict[str, Any]:
         log.info("run_apply %r not redeemed: %s", held, exc)
         return {"apply_id": apply_id, "epoch": held.epoch, "outcome": "not_redeemed"}
 
-    apply = applies.get(db, apply_id)
+    snapshot = applies.for_run(db, apply_id)  # the apply, its tasks and pending requests
+    apply = snapshot.apply
     engine = make_engine(apply["engine"], targets=settings.targets)
     interrupts = Interrupts()
     effects = github_effects(db, held, interrupts, apply, settings, reclaimed=origin == "reclaimed")
@@ -114,6 +115,7 @@ def run_apply(self: Any, apply_id: Any, lease: Any) -> dict[str, Any]:
             reporter,
             effects=effects,
             target_retry=settings.target_retry,
+            snapshot=snapshot,
         ).run()
     except LeaseLost as exc:
         log.warning("run_apply %r: lease lost, stopping without further writes: %s", held, exc)

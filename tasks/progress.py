@@ -53,9 +53,13 @@ class CeleryProgress:
         """Bound to the running Celery task: its id and hostname are read here, on the task's
         own thread (``task.request`` is thread-local)."""
         task_id, hostname, app = task.request.id, task.request.hostname, task.app
+        # The task thread's result backend, which Celery has already set up to record the
+        # task's start: ``app.backend`` is per thread, and this thread's would be a new backend
+        # (and a new connection to Redis) for every run.
+        backend = task.backend
 
         def store(meta: dict[str, Any]) -> None:
-            app.backend.store_result(task_id, meta, PROGRESS)
+            backend.store_result(task_id, meta, PROGRESS)
 
         def event(meta: dict[str, Any]) -> None:
             with app.events.default_dispatcher(hostname=hostname) as dispatcher:

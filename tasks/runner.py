@@ -8,6 +8,7 @@ away; cancel ends the apply; a lost lease writes nothing more and raises ``Lease
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol, TypeVar
 
 from leases import Lease, fence, mint_token
-from storage import applies, control, fenced
+from storage import applies, fenced
 from storage.database import Database
 from storage.errors import LeaseLost, StorageBusy, StorageError, StorageUnavailable
 from storage.fenced import Fenced
@@ -61,9 +62,12 @@ class ApplyRunner:
         effects: Effects | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         target_retry: float = 0.0,
+        snapshot: applies.RunSnapshot | None = None,
     ) -> None:
         # target_retry: how long a task retries a target it cannot reach (run_apply passes
         # LEASEHOLD_TARGET_RETRY); 0 fails it at the first outage.
+        # snapshot: the apply, its tasks and pending requests as read right after redemption
+        # (run_apply reads them in one transaction, applies.for_run); read by run() if None.
         self.effects: Effects = effects or NoEffects()
         self.target_retry = target_retry
         self.db = db
@@ -73,15 +77,31 @@ class ApplyRunner:
         self.reporter = reporter
         self.progress_interval = progress_interval
         self._monotonic = monotonic
+        self._snapshot = snapshot
+        self._apply: Mapping[Any, Any] | None = None  # the apply's row, once run() read it
+        # The start of the current apply task, not written at once but first in the next fenced
+        # transaction of this run (_write).
+        self._starting: Callable[[Fenced], None] | None = None
+        # An apply task's 100% checkpoint, not written at once but in the next fenced
+        # transaction of this run (its completion, as a rule): (task id, values).
+        self._deferred: tuple[int, dict[str, Any]] | None = None
+        # The last apply task's completion, written in the transaction that ends the apply:
+        # (task, event, label, index, total).
+        self._last_done: tuple[TaskSpec, str, str, int, int] | None = None
 
     def run(self) -> Outcome:
-        apply = applies.get(self.db, self.lease.apply_id)
-        rows = applies.tasks(self.db, self.lease.apply_id)
+        snapshot = self._snapshot or applies.for_run(self.db, self.lease.apply_id)
+        self._snapshot = None  # a second run() reads afresh
+        apply, rows = snapshot.apply, snapshot.tasks
+        self._apply = apply
         # A stop or cancel requested before this worker redeemed (e.g. while its predecessor was
         # dying) is acted on before any work.
-        self.interrupts.requested(control.pending(self.db, self.lease.apply_id))
+        self.interrupts.requested(snapshot.requests)
         total = len(rows)
         self.effects.start()
+        last = max(
+            (i for i, row in enumerate(rows) if row["state"] != TaskState.COMPLETED), default=-1
+        )
         for index, row in enumerate(rows):
             if row["state"] == TaskState.COMPLETED:
                 continue
@@ -97,19 +117,23 @@ class ApplyRunner:
                 checkpoint=row["checkpoint"],
                 progress=int(row["progress"]),
             )
-            outcome = self._run_task(spec, index, total)
+            outcome = self._run_task(spec, index, total, last=index == last)
             if outcome is not None:
                 return outcome
         return self._end(ApplyState.COMPLETED, "completed", f"all {total} apply tasks completed")
 
-    def _run_task(self, spec: TaskSpec, index: int, total: int) -> Outcome | None:
+    def _run_task(self, spec: TaskSpec, index: int, total: int, *, last: bool) -> Outcome | None:
+        """Run one apply task. The last one's completion is left to the transaction that ends
+        the apply (:meth:`_end`), which writes it first: one store round trip fewer."""
         label = f"task {index + 1}/{total}: {spec.table_name}"
 
         def start(fx: Fenced) -> None:
             fenced.start_task(fx, spec.id)
             fenced.append_log(fx, "task_started", label)
 
-        self._write(start)
+        # Written first in the task's first fenced transaction (_write): the confirmation of
+        # the lease before the DDL, as a rule, or a log line, checkpoint or end before that.
+        self._starting = start
         self._report(index, total, spec, spec.progress)
         self.effects.progress(boundary=True)
         ctx = EngineContext(
@@ -127,7 +151,7 @@ class ApplyRunner:
             if run_on_target(
                 self.engine, spec, ctx, window=self.target_retry, interrupts=self.interrupts
             ):
-                self._write(lambda fx: self._complete_task(fx, spec, "task_skipped", label))
+                self._completed(spec, "task_skipped", label, index, total, last=last)
                 return None
         except EngineCancelled:
             return self._interrupted(spec)
@@ -142,10 +166,22 @@ class ApplyRunner:
             else:  # never a driver's wrapping, nor a target URL's password
                 error = f"{type(exc).__name__}: {describe(exc)}"
             return self._end(ApplyState.FAILED, "failed", error, failed_task=spec)
-        self._write(lambda fx: self._complete_task(fx, spec, "task_completed", label))
+        self._completed(spec, "task_completed", label, index, total, last=last)
+        return None
+
+    def _completed(
+        self, spec: TaskSpec, event: str, label: str, index: int, total: int, *, last: bool
+    ) -> None:
+        if last:
+            self._last_done = (spec, event, label, index, total)
+            return
+        self._write(lambda fx: self._complete_task(fx, spec, event, label))
+        self._task_done(spec, index, total)
+
+    def _task_done(self, spec: TaskSpec, index: int, total: int) -> None:
+        """Shown once the task's completion committed."""
         self._report(index, total, spec, 100)
         self.effects.progress(boundary=True)
-        return None
 
     @staticmethod
     def _complete_task(fx: Fenced, spec: TaskSpec, event: str, label: str) -> None:
@@ -171,7 +207,18 @@ class ApplyRunner:
             values: dict[str, Any] = {"progress": max(0, min(100, int(percent)))}
             if checkpoint is not None:
                 values["checkpoint"] = dict(checkpoint)
-            self._write(lambda fx: fenced.update_task(fx, spec.id, **values))
+            if values["progress"] == 100:
+                # The task is done: its completion follows at once, and the checkpoint goes
+                # with it, or with whatever this run writes next (_write), in one transaction.
+                deferred = self._deferred
+                if deferred is not None and deferred[0] != spec.id:
+                    self._write(lambda fx: None)  # another task's, never left behind
+                elif deferred is not None and "checkpoint" not in values:
+                    values = {**deferred[1], **values}
+                # Checked now, and copied: the engine may reuse its checkpoint's objects.
+                self._deferred = (spec.id, fenced.task_values(copy.deepcopy(values)))
+            else:
+                self._write(lambda fx: fenced.update_task(fx, spec.id, **values))
             self._report(index, total, spec, values["progress"])
             self.effects.progress(boundary=False)
 
@@ -187,9 +234,23 @@ class ApplyRunner:
         attempt = 0
         while True:
             self.interrupts.raise_if_lost()
+            starting, deferred = self._starting, self._deferred
             try:
-                with fence(self.db, self.lease, finishing=finishing) as fx:
-                    return body(fx)
+                apply_row = self._apply if finishing else None  # whose line it is
+                with fence(self.db, self.lease, finishing=finishing, apply_row=apply_row) as fx:
+                    # Deferred writes first, in order: the task's start (_run_task), then its
+                    # 100% checkpoint (_progress_writer).
+                    if starting is not None:
+                        starting(fx)
+                    if deferred is not None:
+                        fenced.update_task(fx, deferred[0], **deferred[1])
+                    result = body(fx)
+                # Committed.
+                if self._starting is starting:
+                    self._starting = None
+                if self._deferred is deferred:
+                    self._deferred = None
+                return result
             except (StorageUnavailable, StorageBusy) as exc:
                 log.warning("apply %s: owned write failed, retrying: %s", self.lease.apply_id, exc)
                 time.sleep(RETRY_BACKOFF.delay(attempt))
@@ -233,15 +294,23 @@ class ApplyRunner:
         state: ApplyState,
         finishing: bool = False,
     ) -> T:
-        """Change state and rotate the lease away in one fenced transaction; then tell the
+        """Change state and rotate the lease away in one fenced transaction, after the last
+        apply task's completion if it is still to be written (:meth:`_completed`); then tell the
         effects, which publish the new state on their own time (the rotation made it owed to
         the pull request in the same transaction): the change never waits for GitHub."""
+        done = self._last_done
 
         def transition(fx: Fenced) -> T:
+            if done is not None:
+                self._complete_task(fx, *done[:3])
             prepare(fx)
             return rotate(fx)
 
         result = self._write(transition, finishing=finishing)
+        self._last_done = None
+        if done is not None:
+            spec, _, _, index, total = done
+            self._task_done(spec, index, total)
         self.effects.ended(state)
         return result
 
