@@ -69,6 +69,7 @@ SAME_EPOCH = (
 HEARTBEAT_NEVER_ISSUED = f"{LIFECYCLE}::test_heartbeat_of_a_lease_never_issued_is_lease_lost"
 
 
+RECLAIM_SKIP = "        .limit(limit)\n        .with_for_update(skip_locked=True)\n"
 BATCHED = f"{CONTRACT}/test_batched_heartbeat.py"
 BATCH_RECLAIMED = f"{BATCHED}::test_one_apply_of_a_batch_reclaimed_while_the_batch_renews"
 BATCH_LOST = f"{BATCHED}::test_each_lease_of_a_batch_is_lost_only_by_its_own_row"
@@ -323,7 +324,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "reclaim-waits-for-locked-rows",
         "reclaim's candidate scan loses SKIP LOCKED: a pass waits for every fenced row (MySQL)",
         [f"{RACES}::test_reclaim_skips_a_fenced_write_in_flight_and_rotates_after_it"],
-        (STATEMENTS, ".with_for_update(skip_locked=True)", ".with_for_update()"),
+        (STATEMENTS, RECLAIM_SKIP, RECLAIM_SKIP.replace("(skip_locked=True)", "()")),
     ),
     mutant(
         "reclaim-fresh-heartbeats",

@@ -95,6 +95,10 @@ class Heartbeats:
         with self._lock:
             return len(self._held)
 
+    def _holds(self, held: _Held) -> bool:
+        with self._lock:
+            return self._held.get(held.lease.apply_id) is held
+
     def _live(self) -> list[_Held]:
         with self._lock:
             return [h for h in self._held.values() if h.interrupts.lost is None]
@@ -171,6 +175,8 @@ class Heartbeats:
             apply_id = h.lease.apply_id
             lost = renewal.lost.get(apply_id)
             if lost is not None:
+                if not self._holds(h):
+                    continue  # its run ended (its last write ends the lease) during this beat
                 log.warning("heartbeat: %s; stopping its run", lost)
                 h.interrupts.lease_lost(lost)
             elif apply_id in renewal.renewed:
