@@ -16,6 +16,7 @@ from leases.lifecycle import (
     owe_dispatch,
     owed_dispatches,
     redeem,
+    redeem_for_run,
 )
 from leases.lines import Submitted, dispatch_waiting, submit
 from leases.reclaim import Reclaimed, ReclaimPolicy, reclaim
@@ -38,5 +39,6 @@ __all__ = [
     "owed_dispatches",
     "reclaim",
     "redeem",
+    "redeem_for_run",
     "submit",
 ]

@@ -9,7 +9,7 @@ from typing import Any
 
 from celery.exceptions import Ignore
 
-from leases import Lease, redeem
+from leases import Lease, redeem_for_run
 from storage import applies
 from storage.database import Database
 from storage.errors import (
@@ -85,7 +85,8 @@ def run_apply(self: Any, apply_id: Any, lease: Any) -> dict[str, Any]:
         send_run(held)
         return {"apply_id": apply_id, "epoch": held.epoch, "outcome": "passed_on"}
     try:
-        origin = _redeem(db, held, owner, patience=settings.dispatch_timeout)
+        # Redeemed, and what the run starts from read in the same transaction.
+        origin, snapshot = _redeem(db, held, owner, patience=settings.dispatch_timeout)
     except LeaseLost as exc:
         if exc.current_epoch is not None and held.epoch >= exc.current_epoch:
             # Every epoch has exactly one token: a later epoch, or the current one with another
@@ -97,7 +98,6 @@ def run_apply(self: Any, apply_id: Any, lease: Any) -> dict[str, Any]:
         log.info("run_apply %r not redeemed: %s", held, exc)
         return {"apply_id": apply_id, "epoch": held.epoch, "outcome": "not_redeemed"}
 
-    snapshot = applies.for_run(db, apply_id)  # the apply, its tasks and pending requests
     apply = snapshot.apply
     engine = make_engine(apply["engine"], targets=settings.targets)
     interrupts = Interrupts()
@@ -139,7 +139,9 @@ def run_apply(self: Any, apply_id: Any, lease: Any) -> dict[str, Any]:
     }
 
 
-def _redeem(db: Database, lease: Lease, owner: str, *, patience: float) -> str:
+def _redeem(
+    db: Database, lease: Lease, owner: str, *, patience: float
+) -> tuple[str, applies.RunSnapshot]:
     """Redeem, retrying while the store is unreachable: the message is already taken from the
     broker, and giving up would leave the apply until the dispatch timeout. Past ``patience``
     (the dispatch timeout, after which reclaim re-dispatches anyway) the error is raised."""
@@ -147,7 +149,7 @@ def _redeem(db: Database, lease: Lease, owner: str, *, patience: float) -> str:
     attempt = 0
     while True:
         try:
-            return redeem(db, lease, owner)
+            return redeem_for_run(db, lease, owner)
         except (StorageUnavailable, StorageBusy) as exc:
             if time.monotonic() >= deadline:
                 raise
