@@ -374,3 +374,18 @@ def returned_without_waiting(observer: Database, worker: Worker[T], tap: Tap, *,
 
     wait_until(settled, f"{what} returns", timeout=POLL)
     return worker.result()
+
+
+class PauseBeforeCommit:
+    """Holds the first transaction a Database commits open, just before its COMMIT, until the test
+    releases it: a real reclaim pass stopped with its first batch locked and rotated."""
+
+    def __init__(self, db: Database) -> None:
+        self.paused = threading.Event()
+        self.release = threading.Event()
+        event.listen(db.engine, "commit", self._before_commit)
+
+    def _before_commit(self, conn: Connection) -> None:
+        if not self.paused.is_set():
+            self.paused.set()
+            self.release.wait(JOIN)

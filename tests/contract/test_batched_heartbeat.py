@@ -32,6 +32,8 @@ from tests import support
 from tests.celery_fixtures import FakeClock, unreachable, wait_until
 from tests.races import (
     ISOLATIONS,
+    POLL,
+    PauseBeforeCommit,
     Spawn,
     Tap,
     holder_id,
@@ -189,28 +191,27 @@ def test_one_apply_of_a_batch_reclaimed_while_the_batch_renews(
     victim, others = held[1], [held[0], held[2]]
     support.age_heartbeat(db, victim.apply_id, 120)
     reclaiming, beating = open_db(isolation_level=isolation), open_db(isolation_level=isolation)
-    tap = Tap(beating)
+    pause, reclaim_tap, tap = PauseBeforeCommit(reclaiming), Tap(reclaiming), Tap(beating)
+    reclaimer = spawn(
+        "reclaim", lambda: leases.reclaim(reclaiming, support.reclaim_policy(stale_after=60))
+    )
     batch = spawn("batch", lambda: leases.heartbeat_all(beating, held))
 
-    with reclaiming.transaction() as conn:
-        (row,) = leasing.stale(conn, ApplyState.RUNNING, older_than=60, limit=10)
-        assert row.apply_id == victim.apply_id
-        token = mint_token()
-        epoch = leasing.rotate(
-            conn,
-            row,
-            new_token=token,
-            to_state=ApplyState.DISPATCHED,
-            event="reclaimed",
-            reason="test: reclaimed while the batch renews",
-            reclaimed=True,
-        )
-        holder = holder_id(reclaiming, conn)
+    try:
+        reclaimer.start()
+        assert pause.paused.wait(POLL), "the reclaim pass never reached its commit"
+        holder = None if db.is_sqlite else reclaim_tap.connection_ids(reclaimer.thread).pop()
         batch.start()
         if db.dialect == "postgresql":
             returned_without_waiting(db, batch, tap, what="the batched heartbeat")
         else:
             prove_blocked(db, batch, tap, holder=holder, what="the batched heartbeat")
+    finally:
+        pause.release.set()
+    (reclaimed,) = reclaimer.result()
+    assert reclaimed.apply_id == victim.apply_id
+    assert reclaimed.lease is not None
+    epoch, token = reclaimed.lease.epoch, reclaimed.lease.token
 
     if not db.is_sqlite:
         first = batch.result()

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import pytest
-from sqlalchemy import Connection, RowMapping, event, exists
+from sqlalchemy import Connection, RowMapping, exists
 
 import leases
 from leases import Lease, Reclaimed, mint_token
@@ -52,6 +52,7 @@ from tests.races import (
     ISOLATIONS,
     JOIN,
     POLL,
+    PauseBeforeCommit,
     Spawn,
     Tap,
     connection_id,
@@ -571,21 +572,6 @@ def test_two_reclaim_passes_at_once_rotate_each_stale_apply_once(
     passes = [o for o in outcomes if isinstance(o, list)]
     assert len(passes) == 2, outcomes
     assert_each_rotated_once(db, held, passes[0] + passes[1])
-
-
-class PauseBeforeCommit:
-    """Holds the first transaction a Database commits open, just before its COMMIT, until the test
-    releases it: a real reclaim pass stopped with its first batch locked and rotated."""
-
-    def __init__(self, db: Database) -> None:
-        self.paused = threading.Event()
-        self.release = threading.Event()
-        event.listen(db.engine, "commit", self._before_commit)
-
-    def _before_commit(self, conn: Connection) -> None:
-        if not self.paused.is_set():
-            self.paused.set()
-            self.release.wait(JOIN)
 
 
 @ISOLATIONS
