@@ -97,6 +97,11 @@ leasehold_max_reclaims = int(_number("LEASEHOLD_MAX_RECLAIMS", 5, integer=True))
 leasehold_effect_timeout = _number("LEASEHOLD_EFFECT_TIMEOUT", min(10.0, leasehold_stale_after / 3))
 leasehold_effect_grace = _number("LEASEHOLD_EFFECT_GRACE", leasehold_effect_timeout + 2.0)
 leasehold_comment_interval = _number("LEASEHOLD_COMMENT_INTERVAL", 10.0)
+# At most one progress checkpoint (and one Flower progress report) per running apply per interval:
+# a worker's per-apply cost (issue 13). A handed-over or reclaimed apply resumes from its last one.
+leasehold_checkpoint_interval = _number("LEASEHOLD_CHECKPOINT_INTERVAL", 5.0)
+if leasehold_checkpoint_interval < 0:
+    raise LeaseholdConfigError("LEASEHOLD_CHECKPOINT_INTERVAL must not be negative")
 # How long a task keeps retrying a target it cannot reach (a failover, a restart) before the
 # apply fails; 0 fails at the first lost connection.
 leasehold_target_retry = _number("LEASEHOLD_TARGET_RETRY", 300.0)

@@ -115,6 +115,7 @@ def run_apply(self: Any, apply_id: Any, lease: Any) -> dict[str, Any]:
             reporter,
             effects=effects,
             target_retry=settings.target_retry,
+            progress_interval=settings.checkpoint_interval,
             snapshot=snapshot,
         ).run()
     except LeaseLost as exc:

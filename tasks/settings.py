@@ -20,6 +20,7 @@ class Settings:
     effect_timeout: float
     effect_grace: float
     comment_interval: float
+    checkpoint_interval: float
     target_retry: float
     apply_slots: int
     control_concurrency: int
@@ -42,6 +43,7 @@ class Settings:
             effect_timeout=float(conf.leasehold_effect_timeout),
             effect_grace=float(conf.leasehold_effect_grace),
             comment_interval=float(conf.leasehold_comment_interval),
+            checkpoint_interval=float(conf.leasehold_checkpoint_interval),
             target_retry=float(conf.leasehold_target_retry),
             apply_slots=int(conf.leasehold_worker_concurrency),
             control_concurrency=int(conf.leasehold_control_concurrency),

@@ -317,3 +317,28 @@ def test_each_lease_has_its_own_presumed_lost_window(db: Database, tmp_path: Pat
         beats.stop()
         beats.join(10)
         broken.dispose()
+
+
+@pytest.mark.parametrize("backend_url", ["mysql", "postgres"], indirect=["backend_url"])
+def test_a_lease_skipped_because_its_row_was_held_is_tried_again_within_the_beat(
+    db: Database, open_db: OpenDb, spawn: Spawn
+) -> None:
+    """The owner's own checkpoint holds the row when the beat comes: the beat renews the others,
+    then tries that one again (after ``BUSY_PAUSE`` of the interval, here 1 s) and renews it once
+    the checkpoint committed, instead of leaving it to the next beat."""
+    clock = FakeClock()
+    beats = Heartbeats(open_db(), interval=20.0, stale_after=STALE_AFTER, monotonic=clock)
+    held = [(support.running_lease(db), Interrupts()) for _ in range(3)]
+    for lease, interrupts in held:
+        beats.hold(lease, interrupts)
+    writing = held[1][0]
+    support.age_heartbeat(db, writing.apply_id, 120)
+    beat = spawn("beat", beats.beat_once)
+    with leases.fence(open_db(), writing):
+        beat.start()
+        wait_until(lambda: beats.busy >= 1, what="the beat skipping the held row")
+        assert _age(db, held[0][0].apply_id) < 5  # the others did not wait for it
+    assert beat.result() is True
+    assert beats.busy == 1
+    assert _age(db, writing.apply_id) < 5
+    assert not any(interrupts.event.is_set() for _, interrupts in held)

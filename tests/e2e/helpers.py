@@ -60,6 +60,8 @@ TIMING_ENV = {
     "LEASEHOLD_EFFECT_TIMEOUT": str(EFFECT_TIMEOUT),
     "LEASEHOLD_EFFECT_GRACE": str(EFFECT_GRACE),
     "LEASEHOLD_MAX_RECLAIMS": "5",
+    # Progress checkpoints as often as before the setting existed: tests wait for progress.
+    "LEASEHOLD_CHECKPOINT_INTERVAL": "1",
 }
 # How long a process start, a message delivery (the filesystem transport polls once a second)
 # and a short apply may take on a slow CI machine before a wait gives up.
