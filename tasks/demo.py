@@ -99,6 +99,7 @@ def _tour(folder: Path, github: GitHubStandIn) -> int:
         LEASEHOLD_EFFECT_TIMEOUT="2",
         LEASEHOLD_EFFECT_GRACE="3",
         LEASEHOLD_COMMENT_INTERVAL="1",
+        LEASEHOLD_CHECKPOINT_INTERVAL="1",
         LEASEHOLD_GITHUB_API_URL=github.url,
         LEASEHOLD_GITHUB_TOKEN=DEMO_TOKEN,
     )
