@@ -49,6 +49,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/effects.py
 	$(BIN)/python bench/control_latency.py
 	$(BIN)/python bench/chaos.py --seed 1 --applies 120 --seconds 300
+	$(BIN)/python bench/heartbeat_period.py
+	$(BIN)/python bench/scale.py
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	PYTHON=$(PYTHON) scripts/bootstrap.sh $(VENV)
