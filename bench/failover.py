@@ -80,6 +80,25 @@ INTERVALS = {
 APPLY_SECONDS = 600.0  # far longer than a run: every apply is cancelled once measured
 
 
+def add_interval_arguments(parser: argparse.ArgumentParser, defaults: Mapping[str, str]) -> None:
+    """``--heartbeat``, ``--stale-after`` and ``--reclaim-interval``, as every cluster bench
+    takes them, defaulting to ``defaults``."""
+    parser.add_argument("--heartbeat", default=defaults["LEASEHOLD_HEARTBEAT_INTERVAL"])
+    parser.add_argument("--stale-after", default=defaults["LEASEHOLD_STALE_AFTER"])
+    parser.add_argument("--reclaim-interval", default=defaults["LEASEHOLD_RECLAIM_INTERVAL"])
+
+
+def intervals_of(args: argparse.Namespace, defaults: Mapping[str, str]) -> dict[str, str]:
+    """``defaults`` with the three interval arguments applied: every process's environment."""
+    intervals = dict(defaults)
+    intervals.update(
+        LEASEHOLD_HEARTBEAT_INTERVAL=str(args.heartbeat),
+        LEASEHOLD_STALE_AFTER=str(args.stale_after),
+        LEASEHOLD_RECLAIM_INTERVAL=str(args.reclaim_interval),
+    )
+    return intervals
+
+
 # --- the stack: database, broker, result backend -------------------------------------------------
 
 
@@ -496,9 +515,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--stack", choices=STACKS, default="redis-mariadb")
     parser.add_argument("--redis-url", default=redis_url(), help="a Redis database it may empty")
     parser.add_argument("--mysql-url", default=_common.mysql_server_url(), help="server URL")
-    parser.add_argument("--heartbeat", default=INTERVALS["LEASEHOLD_HEARTBEAT_INTERVAL"])
-    parser.add_argument("--stale-after", default=INTERVALS["LEASEHOLD_STALE_AFTER"])
-    parser.add_argument("--reclaim-interval", default=INTERVALS["LEASEHOLD_RECLAIM_INTERVAL"])
+    add_interval_arguments(parser, INTERVALS)
     parser.add_argument("--seed", type=int, default=20240611, help="seeds the dwell times")
     args = parser.parse_args(argv)
     if args.runs < 10:
@@ -508,12 +525,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    intervals = dict(INTERVALS)
-    intervals.update(
-        LEASEHOLD_HEARTBEAT_INTERVAL=str(args.heartbeat),
-        LEASEHOLD_STALE_AFTER=str(args.stale_after),
-        LEASEHOLD_RECLAIM_INTERVAL=str(args.reclaim_interval),
-    )
+    intervals = intervals_of(args, INTERVALS)
     stale_after = float(intervals["LEASEHOLD_STALE_AFTER"])
     reclaim_interval = float(intervals["LEASEHOLD_RECLAIM_INTERVAL"])
     bound = stale_after + reclaim_interval

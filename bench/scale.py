@@ -106,7 +106,14 @@ from storage.tables import applies, apply_logs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import _common, _stores
-from bench.failover import Cluster, Stack, sleep_apply, wait_for
+from bench.failover import (
+    Cluster,
+    Stack,
+    add_interval_arguments,
+    intervals_of,
+    sleep_apply,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 INTERVALS = {
@@ -1102,9 +1109,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "scale.png")
     parser.add_argument("--no-plot", action="store_true")
-    parser.add_argument("--heartbeat", default=INTERVALS["LEASEHOLD_HEARTBEAT_INTERVAL"])
-    parser.add_argument("--stale-after", default=INTERVALS["LEASEHOLD_STALE_AFTER"])
-    parser.add_argument("--reclaim-interval", default=INTERVALS["LEASEHOLD_RECLAIM_INTERVAL"])
+    add_interval_arguments(parser, INTERVALS)
     parser.add_argument("--mysql-url", default=_common.mysql_server_url(), help="server URL")
     parser.add_argument(
         "--servers",
@@ -1135,12 +1140,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    intervals = dict(INTERVALS)
-    intervals.update(
-        LEASEHOLD_HEARTBEAT_INTERVAL=str(args.heartbeat),
-        LEASEHOLD_STALE_AFTER=str(args.stale_after),
-        LEASEHOLD_RECLAIM_INTERVAL=str(args.reclaim_interval),
-    )
+    intervals = intervals_of(args, INTERVALS)
     interval = float(intervals["LEASEHOLD_HEARTBEAT_INTERVAL"])
     print(
         "intervals (environment of every process): "
