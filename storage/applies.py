@@ -72,11 +72,11 @@ def create(db: Database, new: NewApply, *, turn_token: str | None = None) -> Cre
                     existing = None
                     if new.request_id is not None:
                         existing = _request_id_in(conn, new.request_id)
-                    created = _create_in(conn, new, turn_token) if existing is None else None
-            if created is None:
-                assert existing is not None
-                return Created(existing, created=False)
-            return created
+                    if existing is not None:
+                        outcome = Created(existing, created=False)
+                    else:
+                        outcome = _create_in(conn, new, turn_token)
+            return outcome
         except LineMissing:
             # A repeat (whatever its line) makes no line: it writes nothing at all.
             found = None if new.request_id is None else _by_request_id(db, new.request_id)
