@@ -135,7 +135,14 @@ class Heartbeats:
         while not self._stopped.wait(min(self.interval, max(0.0, due - self._monotonic()))):
             now = self._monotonic()
             self._late(now - due)
-            self.beat_once()
+            try:
+                self.beat_once()
+            except Exception:
+                # Not a storage error (those are retried in beat_once): a bug or a row it cannot
+                # read. The thread must outlive it, or every lease of this worker, today's and
+                # tomorrow's, would be presumed lost stale_after after its redemption.
+                self.failures += 1
+                log.exception("heartbeat of this worker failed unexpectedly; will retry")
             self.presume_stale()
             if self._done():
                 return

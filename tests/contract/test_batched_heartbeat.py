@@ -342,3 +342,34 @@ def test_a_lease_skipped_because_its_row_was_held_is_tried_again_within_the_beat
     assert beats.busy == 1
     assert _age(db, writing.apply_id) < 5
     assert not any(interrupts.event.is_set() for _, interrupts in held)
+
+
+def test_an_unexpected_error_in_a_beat_does_not_end_the_workers_heartbeat(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A beat that breaks on something other than the store (a bug, a row it cannot read) is
+    logged and counted; the thread goes on, or every lease of the worker would later be
+    presumed lost."""
+    calls = [0]
+
+    def breaks_once(db: Database, held: list[Lease]) -> leases.Renewal:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RuntimeError("a bug in one beat")
+        return leases.heartbeat_all(db, held)
+
+    monkeypatch.setattr("tasks.heartbeat.heartbeat_all", breaks_once)
+    clock = FakeClock()
+    beats = Heartbeats(db, interval=0.005, stale_after=STALE_AFTER, monotonic=clock)
+    lease, interrupts = support.running_lease(db), Interrupts()
+    beats.hold(lease, interrupts)
+    support.age_heartbeat(db, lease.apply_id, 120)
+    beats.start()
+    try:
+        wait_until(lambda: beats.beats >= 2, what="beats after the broken one")
+    finally:
+        beats.stop()
+        beats.join(10)
+    assert beats.failures >= 1
+    assert _age(db, lease.apply_id) < 5
+    assert not interrupts.event.is_set()
