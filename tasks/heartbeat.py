@@ -72,8 +72,8 @@ class Heartbeats:
         self._held: dict[int, _Held] = {}
         self._stopped = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.beats = 0  # transactions that succeeded (with at least one lease in them)
-        self.failures = 0  # transactions that failed (storage errors)
+        self.beats = 0  # beats the store answered (with at least one lease in them)
+        self.failures = 0  # beats that failed (a storage error, or an unexpected one)
         self.busy = 0  # leases skipped because another transaction held their row
         self.lates: list[float] = []  # how late each beat started, seconds (the last 1,000)
 
