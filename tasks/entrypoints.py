@@ -120,6 +120,9 @@ def run_apply(self: Any, apply_id: Any, lease: Any) -> dict[str, Any]:
         ).run()
     except LeaseLost as exc:
         log.warning("run_apply %r: lease lost, stopping without further writes: %s", held, exc)
+        # No progress report may land after the final state: one in flight (e.g. sent just
+        # before a SIGSTOP and finished after the SIGCONT) would overwrite LEASE_LOST.
+        reporter.close()
         _report_lease_lost(self, {"apply_id": apply_id, "epoch": held.epoch, "reason": str(exc)})
         raise Ignore() from exc
     finally:

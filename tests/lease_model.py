@@ -488,7 +488,13 @@ class LeaseModel(RuleBasedStateMachine):
             if not hook.started:
                 rotation.start()  # so that no thread is left behind, whatever happened
             done = rotation.result(JOIN)
-        assert hook.outcome in ("blocked", "finished"), hook.outcome
+        outcomes = ["blocked", "finished"]
+        if not self.db.is_sqlite:
+            # The pass skips the held row (SKIP LOCKED), and under load InnoDB was once seen to
+            # list it in a lock wait for an instant on its way to skipping: what decides is
+            # what it took, below, not whether the poll caught that instant.
+            outcomes.append("finished although it was seen blocked")
+        assert hook.outcome in outcomes, hook.outcome
         got = {(r.apply_id, r.previous_epoch, r.from_state, r.lease is None) for r in done}
         # MariaDB's reclaim skips the row the fence held (SKIP LOCKED); SQLite's waited for it.
         allowed = [expected]
