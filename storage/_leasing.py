@@ -173,15 +173,16 @@ def renew_held(conn: Connection, held: Iterable[tuple[int, int, str]]) -> Renewe
     current: list[tuple[int, int, str]] = []
     lost: dict[int, LeaseLost] = {}
     busy: set[int] = set()
+    missing, exist = set(wanted) - set(rows), set()
+    if missing:  # skipped because locked, or gone: one plain read tells which
+        exist = {r.id for r in conn.execute(statements.read_lease_rows(missing))}
     for apply_id, (epoch, token) in wanted.items():
         row = rows.get(apply_id)
         if row is None:
-            # Skipped because locked, or gone: only a plain read tells which (rare).
-            found = conn.execute(statements.read_lease_row(apply_id)).one_or_none()
-            if found is None:
-                lost[apply_id] = LeaseLost(apply_id, epoch, reason="the apply does not exist")
-            else:
+            if apply_id in exist:
                 busy.add(apply_id)
+            else:
+                lost[apply_id] = LeaseLost(apply_id, epoch, reason="the apply does not exist")
         elif row.lease_epoch != epoch or row.lease_token != token:
             lost[apply_id] = LeaseLost(
                 apply_id, epoch, current_epoch=row.lease_epoch, state=row.state
