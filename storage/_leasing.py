@@ -175,7 +175,7 @@ def renew_held(conn: Connection, held: Iterable[tuple[int, int, str]]) -> Renewe
     busy: set[int] = set()
     missing, exist = set(wanted) - set(rows), set()
     if missing:  # skipped because locked, or gone: one plain read tells which
-        exist = {r.id for r in conn.execute(statements.read_lease_rows(missing))}
+        exist = {r.id for r in conn.execute(statements.existing_apply_ids(missing))}
     for apply_id, (epoch, token) in wanted.items():
         row = rows.get(apply_id)
         if row is None:

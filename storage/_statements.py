@@ -59,8 +59,8 @@ def read_lease_row(apply_id: int) -> Select[Any]:
     ).where(applies.c.id == apply_id)
 
 
-def read_lease_rows(apply_ids: Iterable[int]) -> Select[Any]:
-    """:func:`read_lease_row` of many applies at once, unlocked."""
+def existing_apply_ids(apply_ids: Iterable[int]) -> Select[Any]:
+    """Which of ``apply_ids`` exist, unlocked (a skipped row is held, a missing one gone)."""
     return select(applies.c.id).where(applies.c.id.in_(sorted(apply_ids)))
 
 
