@@ -529,6 +529,7 @@ def lease_table(limit: int) -> Select[Any]:
             applies.c.lease_owner,
             applies.c.lease_token,
             applies.c.reclaim_count,
+            applies.c.requested_by,
             clock.age_of(applies.c.heartbeat_at).label("heartbeat_age"),
         )
         .order_by(applies.c.id.desc())
@@ -641,6 +642,22 @@ def pending_control_requests_of(apply_ids: Iterable[int]) -> Select[Any]:
             control_requests.c.apply_id.in_(sorted(apply_ids)),
             control_requests.c.state == "pending",
         )
+        .order_by(control_requests.c.id)
+    )
+
+
+def control_requests_of_apply(apply_id: int) -> Select[Any]:
+    """Every control request of one apply, oldest first (a range of the unique index that leads
+    with ``apply_id``)."""
+    return (
+        select(
+            control_requests.c.id,
+            control_requests.c.action,
+            control_requests.c.state,
+            control_requests.c.requested_by,
+            control_requests.c.error,
+        )
+        .where(control_requests.c.apply_id == apply_id)
         .order_by(control_requests.c.id)
     )
 
@@ -1113,3 +1130,14 @@ def audit_checks(first_id: int, last_id: int) -> Select[Any]:
     return select(
         checks.c.apply_id, checks.c.status, checks.c.conclusion, checks.c.last_epoch
     ).where(checks.c.apply_id.between(first_id, last_id))
+
+
+def audit_anonymous_control_requests(first_id: int, last_id: int) -> Select[Any]:
+    """The control requests of a batch's applies that record no requester (NULL, empty or only
+    spaces): a range of the unique index that leads with ``apply_id``."""
+    requester = func.trim(func.coalesce(control_requests.c.requested_by, ""))
+    return (
+        select(control_requests.c.apply_id, control_requests.c.id, control_requests.c.action)
+        .where(control_requests.c.apply_id.between(first_id, last_id), requester == "")
+        .order_by(control_requests.c.apply_id, control_requests.c.id)
+    )

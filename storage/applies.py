@@ -41,6 +41,7 @@ class NewApply:
     head_sha: str | None = None
     request_id: str | None = None
     notify: Notify | None = None
+    requested_by: str | None = None  # free text: who asked, as the submitter said
 
     @property
     def line(self) -> Line:
@@ -117,6 +118,7 @@ def _insert(conn: Connection, new: NewApply) -> int:
                 "pull_request": new.pull_request,
                 "head_sha": new.head_sha,
                 "request_id": new.request_id,
+                "requested_by": new.requested_by,
             }
         )
     )
@@ -222,6 +224,13 @@ def active(db: Database, *, limit: int = 10_000) -> list[RowMapping]:
     """Dispatched and running applies (id, state, heartbeat_age), stalest first."""
     with db.transaction() as conn:
         return list(conn.execute(statements.active_applies(limit)).mappings())
+
+
+def control_requests(db: Database, apply_id: int) -> list[RowMapping]:
+    """Every control request of an apply, oldest first: id, action, state, requested_by, error
+    (the header of ``leasehold logs``)."""
+    with db.transaction() as conn:
+        return list(conn.execute(statements.control_requests_of_apply(apply_id)).mappings())
 
 
 def pending_requests(db: Database, apply_id: int) -> list[RowMapping]:

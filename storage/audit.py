@@ -38,6 +38,10 @@ The checks, per apply (``Violation.check`` names them):
     error or a failed task (an apply that reclaim abandoned keeps its running and pending tasks);
     a failed task belongs to a failed apply (a retry puts it back to pending), and a cancelled
     task to a cancelled or failed one.
+``control_requesters``
+    Every control request of the apply records who asked for it (``requested_by`` neither NULL
+    nor blank): a stop or cancel nobody can be asked about is a gap in the history. The message
+    names the request: ``control request 40 (stop) records no requester``.
 
 ``audit(db)`` returns the violations (``[]`` when the history is clean); ``run(db)`` also counts
 the applies audited. The CLI's ``--json`` prints ``[Violation.as_json(), ...]``: a list of
@@ -169,6 +173,12 @@ def _batches(
                         checkers[r.apply_id].add(
                             "effect_epochs", "check run completed without a conclusion"
                         )
+            for r in conn.execute(statements.audit_anonymous_control_requests(first, last)):
+                if r.apply_id in checkers:
+                    checkers[r.apply_id].add(
+                        "control_requesters",
+                        f"control request {r.id} ({r.action}) records no requester",
+                    )
         yield len(batch), [v for c in checkers.values() for v in c.finish()]
         if apply_id is not None or len(batch) < batch_size:
             return

@@ -68,6 +68,9 @@ applies = Table(
     # The epoch whose run_apply could not be sent (the broker was down): re-sent by every
     # reclaim pass until one gets through, instead of waiting out the dispatch timeout.
     Column("dispatch_owed_epoch", Integer, nullable=True),
+    # Who asked for the apply, as the submitter said (free text, shown in status, logs and on the
+    # pull request; escaped wherever it is rendered). NULL: nobody said.
+    Column("requested_by", String(255), nullable=True),
     # The reclaim scan reads (state, heartbeat_at) ranges only: finished applies are never touched.
     Index("ix_applies_state_heartbeat_at", "state", "heartbeat_at"),
     # A line's unfinished applies, in id order (InnoDB appends the primary key to the index).

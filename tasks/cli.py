@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_migrate)
     p = sub.add_parser("submit", help="submit the apply described by a JSON file")
     p.add_argument("file", type=Path)
+    p.add_argument("--by", default=None, help=_BY_HELP + " (else the file's requested_by)")
     p.set_defaults(func=_submit)
     p = sub.add_parser("status", help="the lease table, or one apply with its tasks")
     p.add_argument("apply_id", type=int, nargs="?")
@@ -79,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     for action, text in _CONTROL_HELP.items():
         p = sub.add_parser(action, help=text, description=text)
         p.add_argument("apply_id", type=int)
-        p.add_argument("--by", default=None, help="who asks (recorded with the request)")
+        p.add_argument("--by", default=None, help=_BY_HELP)
         p.set_defaults(func=_control, action=action)
     p = sub.add_parser("doctor", help="check store, broker, workers, beat, routing and applies")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for workers")
@@ -98,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_BY_HELP = "who asks, recorded with it (default: USER@HOST)"
 _CONTROL_HELP = {
     "stop": "stop an apply at a safe point (resumable)",
     "resume": "resume a stopped apply from its first unfinished task",
@@ -128,6 +132,10 @@ def _submit(db: Database, args: argparse.Namespace) -> int:
         raise InvalidInput(f"{args.file} is not JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise InvalidInput(f"{args.file} must hold a JSON object")
+    if args.by is not None:
+        payload["requested_by"] = args.by
+    elif payload.get("requested_by") is None:
+        payload["requested_by"] = _operator()
     apply_id = service.submit(db, runtime.settings(), payload, send_run)
     print(json.dumps({"apply_id": apply_id}))
     return 0
@@ -146,7 +154,7 @@ def _status(db: Database, args: argparse.Namespace) -> int:
     rows = applies.lease_table(db, limit=args.limit)
     print(
         f"{'id':>6}  {'state':<10}  {'epoch':>5}  {'token':<8}  {'owner':<40}  {'heartbeat':<12}"
-        "  line"
+        f"  {'requested by':<{_BY_WIDTH}}  line"
     )
     for row in rows:
         line = f"{row['database_name']}/{row['environment']}"
@@ -155,7 +163,8 @@ def _status(db: Database, args: argparse.Namespace) -> int:
         print(
             f"{row['id']:>6}  {row['state']:<10}  {row['lease_epoch']:>5}  "
             f"{_token(row['lease_token']):<8}  {(row['lease_owner'] or '-')[:40]:<40}  "
-            f"{_age(row['heartbeat_age']):<12}  {line}"
+            f"{_age(row['heartbeat_age']):<12}  {_cut(_shown(row['requested_by'])):<{_BY_WIDTH}}  "
+            f"{line}"
         )
     if not rows:
         print("(no applies yet)")
@@ -165,6 +174,7 @@ def _status(db: Database, args: argparse.Namespace) -> int:
 def _status_one(db: Database, apply_id: int) -> int:
     row = applies.get(db, apply_id)
     print(f"apply {row['id']}: {row['state']}  ({row['database_name']} in {row['environment']})")
+    print(f"  requested by {_shown(row['requested_by'])}")
     place = applies.place(db, apply_id) if not ApplyState(row["state"]).terminal else None
     if place is not None:
         print(
@@ -179,7 +189,7 @@ def _status_one(db: Database, apply_id: int) -> int:
     for request in applies.pending_requests(db, apply_id):
         print(
             f"  pending request {request['id']}: {request['action']}"
-            + (f" by {request['requested_by']}" if request["requested_by"] else "")
+            + (f" by {_shown(request['requested_by'])}" if request["requested_by"] else "")
             + f", asked {_age(request['age'])}"
         )
     for task in applies.tasks(db, apply_id):
@@ -192,7 +202,17 @@ def _status_one(db: Database, apply_id: int) -> int:
 
 
 def _logs(db: Database, args: argparse.Namespace) -> int:
-    applies.get(db, args.apply_id)
+    row = applies.get(db, args.apply_id)
+    # The header: who asked for the apply, and for each control request of it.
+    print(
+        f"apply {row['id']}: {row['database_name']} in {row['environment']}, "
+        f"requested by {_shown(row['requested_by'])}"
+    )
+    for request in applies.control_requests(db, args.apply_id):
+        print(
+            f"  control request {request['id']}: {request['action']} "
+            f"by {_shown(request['requested_by'])}, {request['state']}"
+        )
     after = 0
     while True:
         rows = applies.logs(db, args.apply_id, after_id=after)
@@ -210,9 +230,8 @@ def _control(db: Database, args: argparse.Namespace) -> int:
     from tasks import service
     from tasks.dispatcher import send_notification, send_run
 
-    result = service.control_apply(
-        db, args.apply_id, args.action, args.by, send_run, send_notification
-    )
+    by = _operator() if args.by is None else args.by
+    result = service.control_apply(db, args.apply_id, args.action, by, send_run, send_notification)
     print(json.dumps(result))
     if result["request_state"] == "failed":
         # The JSON above is for scripts; the error is one line on stderr, as for every error.
@@ -258,6 +277,33 @@ def _demo(db: None, args: argparse.Namespace) -> int:
     from tasks.demo import run_demo
 
     return run_demo(args.dir)
+
+
+def _operator() -> str:
+    """Who runs this command, when ``--by`` does not say: USER@HOST (the CLI only: a Celery
+    caller that names nobody is recorded as nobody)."""
+    from tasks.payload import MAX_REQUESTED_BY
+
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no login name, no USER variable, no passwd entry (containers)
+        user = f"uid {os.getuid()}"
+    return f"{user}@{socket.gethostname()}"[:MAX_REQUESTED_BY]
+
+
+_BY_WIDTH = 24
+
+
+def _shown(text: str | None) -> str:
+    """Free text from other apps, safe on a terminal: what is not printable (line breaks, escape
+    sequences) shows as U+FFFD, so it can neither forge lines nor drive the terminal."""
+    if not text:
+        return "-"
+    return "".join(c if c.isprintable() else "\ufffd" for c in text)
+
+
+def _cut(text: str, width: int = _BY_WIDTH) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _token(token: str | None) -> str:

@@ -20,6 +20,7 @@ MAX_PAYLOAD_BYTES: Final = 256 * 1024
 MAX_TASKS: Final = 100
 MAX_DDL: Final = 64 * 1024
 MAX_OPTIONS_BYTES: Final = 4096
+MAX_REQUESTED_BY: Final = 255  # applies.requested_by and control_requests.requested_by
 
 _FIELDS: Final = frozenset(
     {
@@ -32,6 +33,7 @@ _FIELDS: Final = frozenset(
         "head_sha",
         "request_id",
         "notify",
+        "requested_by",
     }
 )
 _TASK_FIELDS: Final = frozenset({"table", "ddl", "options"})
@@ -101,7 +103,28 @@ def parse_submission(payload: Mapping[str, Any], *, targets: Mapping[str, str]) 
         head_sha=head_sha,
         request_id=_optional_string(payload, "request_id", _REQUEST_ID),
         notify=_notify(payload.get("notify")),
+        requested_by=requested_by(payload.get("requested_by")),
     )
+
+
+def requested_by(raw: object) -> str | None:
+    """``requested_by``: free text naming who asked, 1 to 255 printable characters. It is shown
+    in terminals and on pull requests, so line breaks and control characters (which could forge
+    lines of ``leasehold logs`` or move a terminal's cursor) are refused, not stored."""
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        raise InvalidInput(f"requested_by must be a string, not {type(raw).__name__}")
+    if not 1 <= len(raw) <= MAX_REQUESTED_BY or not raw.strip():
+        raise InvalidInput(
+            f"requested_by must hold 1 to {MAX_REQUESTED_BY} characters, not only spaces "
+            f"(it has {len(raw)})"
+        )
+    if not raw.isprintable():
+        raise InvalidInput(
+            "requested_by must be printable text: no line breaks or control characters"
+        )
+    return raw
 
 
 def _notify(raw: object) -> Notify | None:

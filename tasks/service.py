@@ -18,11 +18,10 @@ from storage.errors import InvalidInput
 from storage.states import ApplyState, ControlAction, ControlState
 from tasks import notify as notifier
 from tasks.github.owed import publish_owed
-from tasks.payload import parse_submission
+from tasks.payload import MAX_REQUESTED_BY, parse_submission
 from tasks.settings import Settings
 
 Send = Callable[[Lease], object]
-MAX_REQUESTED_BY = 255
 
 
 def submit(db: Database, settings: Settings, payload: Mapping[str, Any], send: Send) -> int:
@@ -53,10 +52,7 @@ def control_apply(
     apply_id = require_id(apply_id)
     if not isinstance(action, str) or action not in set(ControlAction):
         raise InvalidInput(f"action must be one of {', '.join(ControlAction)}; not {action!r}")
-    if requested_by is not None and (
-        not isinstance(requested_by, str) or len(requested_by) > MAX_REQUESTED_BY
-    ):
-        raise InvalidInput(f"requested_by must be a string of at most {MAX_REQUESTED_BY} chars")
+    requested_by = _claimed(requested_by)
     if action == ControlAction.RETRY:
         check_retryable(db, apply_id)  # refused before anything is written
     request, _ = control.request(db, apply_id, ControlAction(action), requested_by=requested_by)
@@ -76,6 +72,29 @@ def control_apply(
         "apply_state": str(settled.apply_state),
         "error": settled.request.error,
     }
+
+
+def requester(claimed: object, signer: str | None) -> str | None:
+    """Who asked, for the record: what the caller claims (``requested_by``, free text) composed
+    with who signed the message, when a signature names someone. The signer is what was proved,
+    so it leads, and the claim is kept after it as what was said: ``"CN=deploy (as alice)"``,
+    cut to the column's 255 characters. Either alone is itself; neither is None."""
+    claimed = _claimed(claimed)
+    if claimed is None:
+        return signer
+    if signer is None:
+        return claimed
+    return f"{signer} (as {claimed})"[:MAX_REQUESTED_BY]
+
+
+def _claimed(value: object) -> str | None:
+    """A caller's ``requested_by`` of a control request: None, or a string that fits its
+    column."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_REQUESTED_BY:
+        raise InvalidInput(f"requested_by must be a string of at most {MAX_REQUESTED_BY} chars")
+    return value
 
 
 def reclaim_stale(
@@ -104,8 +123,8 @@ def reclaim_stale(
 
 
 def get_apply(db: Database, apply_id: object) -> dict[str, Any]:
-    """An apply as callers see it (JSON): its state, lease epoch, place in line while it waits,
-    each apply task's progress, and its completion notification. Reads only."""
+    """An apply as callers see it (JSON): its state, lease epoch, who asked for it, place in line
+    while it waits, each apply task's progress, and its completion notification. Reads only."""
     apply_id = require_id(apply_id)
     row = applies.get(db, apply_id)
     state = ApplyState(row["state"])
@@ -120,6 +139,7 @@ def get_apply(db: Database, apply_id: object) -> dict[str, Any]:
         "reclaim_count": int(row["reclaim_count"]),
         "database": row["database_name"],
         "environment": row["environment"],
+        "requested_by": row["requested_by"],
         "position": None if place is None else place.position,
         "waiting_behind": None if place is None else place.head.apply_id,
         "heartbeat_age": None if age is None or state.terminal else round(float(age), 3),

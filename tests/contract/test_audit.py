@@ -18,7 +18,14 @@ from storage.audit import Violation
 from storage.database import Database
 from storage.errors import ApplyNotFound
 from storage.states import ApplyState, TaskState
-from storage.tables import applies, apply_comments, apply_logs, apply_tasks, checks
+from storage.tables import (
+    applies,
+    apply_comments,
+    apply_logs,
+    apply_tasks,
+    checks,
+    control_requests,
+)
 from tasks import service
 from tasks.engines.sleep import SleepEngine
 from tasks.interrupts import Interrupts, Reason
@@ -444,3 +451,63 @@ def test_violations_of_many_batches_are_all_found(db: Database) -> None:
 
 def _logs(db: Database, apply_id: int) -> list[dict[str, Any]]:
     return [dict(r) for r in applies_repo.logs(db, apply_id)]
+
+
+# --- who asked: every control request records its requester (issue 14) --------------------------
+
+
+@pytest.mark.parametrize("nobody", [None, "", "   "], ids=["null", "empty", "blank"])
+def test_a_control_request_that_records_no_requester_is_found(
+    db: Database, nobody: str | None
+) -> None:
+    """A stop that says nobody asked (the Celery task's ``requested_by`` left out, or blank) is
+    found, naming the request and its apply; a request that names someone is not."""
+    named = stopped_waiting(db)  # stopped by "ops"
+    apply_id = submitted(db).apply_id
+    before = support.snapshot(db)
+    answer = service.control_apply(db, apply_id, "cancel", nobody, SentLeases())
+    assert answer["apply_state"] == "cancelled"
+    assert len(support.snapshot(db)["control_requests"]) == len(before["control_requests"]) + 1
+
+    (found,) = audit.audit(db)
+
+    request_id = answer["request_id"]
+    assert (found.apply_id, found.check) == (apply_id, "control_requesters")
+    assert (
+        str(found)
+        == f"apply {apply_id}: control request {request_id} (cancel) records no requester"
+    )
+    assert found.as_json() == {
+        "apply_id": apply_id,
+        "check": "control_requesters",
+        "message": f"control request {request_id} (cancel) records no requester",
+    }
+    assert audit.audit(db, named) == []
+    assert audit.audit(db, apply_id) == [found]
+
+
+def test_every_anonymous_control_request_of_every_batch_is_found(db: Database) -> None:
+    """Two anonymous requests of one apply are two violations; requests across batches are each
+    read with their own batch."""
+    made = [stopped_waiting(db) for _ in range(3)]
+    anonymous = made[1]
+    stop = support.insert_control_request(db, anonymous, action="stop", state="completed")
+    resume = support.insert_control_request(db, anonymous, action="resume", state="failed")
+    plant(
+        db,
+        update(control_requests)
+        .where(control_requests.c.id.in_([stop, resume]))
+        .values(requested_by=None),
+    )
+
+    report = audit.run(db, batch_size=1)
+
+    assert report.applies == 3
+    assert [(v.apply_id, v.check, v.message) for v in report.violations] == [
+        (anonymous, "control_requesters", f"control request {stop} (stop) records no requester"),
+        (
+            anonymous,
+            "control_requesters",
+            f"control request {resume} (resume) records no requester",
+        ),
+    ]

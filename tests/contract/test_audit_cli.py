@@ -13,7 +13,7 @@ from sqlalchemy import insert, text
 
 from storage import applies, open_database
 from storage.migrate import upgrade
-from storage.tables import apply_logs
+from storage.tables import apply_logs, control_requests
 from tests import support
 from tests.contract.test_cli_commands import Home, one_error_line, submit_example
 
@@ -99,3 +99,32 @@ def test_audit_is_listed_with_the_other_commands(home: Home) -> None:
     usage = home.ok("audit", "--help")
     assert "--apply ID" in usage
     assert "--json" in usage
+
+
+def test_a_control_request_nobody_asked_for_is_one_line(home: Home) -> None:
+    """The CLI records who runs it (USER@HOST) with every request: its requests audit clean. A
+    request that records nobody (a Celery caller that said nothing) is a violation naming it."""
+    apply_id = submit_example(home)
+    home.ok("stop", str(apply_id))
+    assert home.ok("audit") == "audited 1 apply: no violations\n"
+    with home.db.transaction() as conn:
+        conn.execute(
+            insert(control_requests).values(
+                apply_id=apply_id,
+                action="cancel",
+                state="failed",
+                requested_by=None,
+                created_at=text("CURRENT_TIMESTAMP"),
+            )
+        )
+    (request_id,) = [
+        r[0] for r in support.snapshot(home.db)["control_requests"] if r[2] == "cancel"
+    ]
+
+    done = home.run("audit")
+
+    assert (done.returncode, done.stderr) == (1, "")
+    message = f"control request {request_id} (cancel) records no requester"
+    assert done.stdout == f"apply {apply_id}: {message}\n"
+    as_json = json.loads(home.run("audit", "--json").stdout)
+    assert as_json == [{"apply_id": apply_id, "check": "control_requesters", "message": message}]

@@ -226,3 +226,33 @@ def test_status_json_is_what_get_apply_gives(
     assert lease.token not in done.stdout
     refused = leasehold("status", "--json", url=backend_url, cwd=tmp_path)
     assert one_error_line(refused) == "leasehold: --json shows one apply: give its id"
+
+
+def test_status_and_logs_show_who_asked(db: Database, backend_url: str, tmp_path: Path) -> None:
+    """Issue 14, on every store: the table, the one-apply view and the log's header name who
+    asked for the apply, and the header who asked for each of its control requests."""
+    by = "CN=deploy-bot.example.com (as alice)"  # longer than the table's column
+    payload = {
+        "database": support.new_database(),
+        "environment": "staging",
+        "engine": "sleep",
+        "tasks": [{"table": "orders", "ddl": "ALTER TABLE orders ADD c INT"}],
+        "requested_by": by,
+    }
+    settings = support.settings(backend_url)
+    apply_id = service.submit(db, settings, payload, lambda lease: None)
+    stop = service.control_apply(db, apply_id, "stop", "ops", lambda lease: None)
+
+    table = leasehold("status", url=backend_url, cwd=tmp_path)
+    one = leasehold("status", str(apply_id), url=backend_url, cwd=tmp_path)
+    logs = leasehold("logs", str(apply_id), url=backend_url, cwd=tmp_path)
+
+    for done in (table, one, logs):
+        assert done.returncode == 0, done.stderr
+    (row,) = [line for line in table.stdout.splitlines()[1:] if line.split()[0] == str(apply_id)]
+    assert f"  {by[:23]}…  {payload['database']}/staging" in row
+    assert one.stdout.splitlines()[1] == f"  requested by {by}"
+    assert logs.stdout.splitlines()[:2] == [
+        f"apply {apply_id}: {payload['database']} in staging, requested by {by}",
+        f"  control request {stop['request_id']}: stop by ops, completed",
+    ]

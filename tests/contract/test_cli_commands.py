@@ -5,9 +5,11 @@ run as a user runs them: subprocesses on a temporary SQLite database and the emb
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -29,6 +31,8 @@ from tests.celery_fixtures import REPO, task_rows
 _SCRIPT = Path(sys.executable).parent / "leasehold"
 COMMAND = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "tasks.cli"]
 EXAMPLE = REPO / "examples" / "apply.json"
+# Who the CLI records when neither --by nor the file says: the user running it, on this host.
+OPERATOR = f"{getpass.getuser()}@{socket.gethostname()}"
 
 
 @dataclass
@@ -189,7 +193,8 @@ def test_logs_show_each_line_with_its_epoch(home: Home) -> None:
     with fence(home.db, lease) as fx:
         fenced.append_log(fx, "note", "a line from the runner")
     out = home.ok("logs", str(apply_id))
-    lines = out.splitlines()
+    header, *lines = out.splitlines()
+    assert header == f"apply {apply_id}: shop in staging, requested by {OPERATOR}"
     assert len(lines) == 3
     assert [re.findall(r"epoch +(\d+)", line)[0] for line in lines] == ["1", "1", "1"]
     assert "dispatched" in lines[0]
@@ -355,3 +360,104 @@ def test_bad_configuration_is_one_clear_line(home: Home) -> None:
     assert (
         line == "leasehold: configuration: LEASEHOLD_STALE_AFTER='soon' is not a number of seconds"
     )
+
+
+# --- who asked (issue 14) ------------------------------------------------------------------------
+
+
+def _example(home: Home, **changes: Any) -> str:
+    payload = {**json.loads(EXAMPLE.read_text()), **changes}
+    return _write(home, "apply.json", json.dumps(payload))
+
+
+def _submitted(home: Home, *args: str) -> int:
+    answer: dict[str, int] = json.loads(home.ok("submit", *args))
+    return answer["apply_id"]
+
+
+@pytest.mark.parametrize(
+    ("in_file", "by", "recorded"),
+    [
+        (None, None, OPERATOR),
+        ("deploy-bot", None, "deploy-bot"),
+        (None, "alice", "alice"),
+        ("deploy-bot", "alice", "alice"),
+    ],
+    ids=["default-user-at-host", "the-file", "by", "by-over-the-file"],
+)
+def test_submit_records_who_asked(
+    home: Home, in_file: str | None, by: str | None, recorded: str
+) -> None:
+    changes = {} if in_file is None else {"requested_by": in_file}
+    path = _example(home, **changes)
+    apply_id = _submitted(home, path, *([] if by is None else ["--by", by]))
+
+    assert json.loads(home.ok("status", str(apply_id), "--json"))["requested_by"] == recorded
+    status = home.ok("status", str(apply_id)).splitlines()
+    assert status[:2] == [
+        f"apply {apply_id}: dispatched  (shop in staging)",
+        f"  requested by {recorded}",
+    ]
+    table = home.ok("status").splitlines()
+    assert "requested by" in table[0]
+    (row,) = [line for line in table[1:] if line.split()[0] == str(apply_id)]
+    assert f"  {recorded[:23]}" in row
+    assert row.endswith("shop/staging")
+    assert home.ok("logs", str(apply_id)).splitlines()[0] == (
+        f"apply {apply_id}: shop in staging, requested by {recorded}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("by", "message"),
+    [
+        ("", "requested_by must hold 1 to 255 characters"),
+        ("x" * 256, "requested_by must hold 1 to 255 characters"),
+        ("alice\nforged", "requested_by must be printable"),
+    ],
+    ids=["empty", "too-long", "newline"],
+)
+def test_submit_with_a_malformed_by_is_one_line_and_writes_nothing(
+    home: Home, by: str, message: str
+) -> None:
+    before = support.snapshot(home.db)
+    done = home.run("submit", str(EXAMPLE), "--by", by)
+    assert message in one_error_line(done)
+    assert support.snapshot(home.db) == before
+    assert not home.queue.exists() or not list(home.queue.iterdir())
+
+
+def test_a_long_requester_is_cut_in_the_table_and_whole_in_the_views(home: Home) -> None:
+    long = "CN=deploy-bot.example.com (as alice)"
+    apply_id = _submitted(home, str(EXAMPLE), "--by", long)
+    (row,) = [
+        line for line in home.ok("status").splitlines()[1:] if line.split()[0] == str(apply_id)
+    ]
+    assert f"  {long[:23]}…  shop/staging" in row
+    assert f"  requested by {long}\n" in home.ok("status", str(apply_id))
+
+
+def test_the_log_header_names_who_asked_for_each_control_request(home: Home) -> None:
+    apply_id = _submitted(home, str(EXAMPLE), "--by", "alice")
+    stopped = _control(home, "stop", apply_id)  # --by cli-test
+    resumed = json.loads(home.ok("resume", str(apply_id)))  # no --by: the CLI's user@host
+    refused = home.run("resume", str(apply_id))  # dispatched again: nothing to resume
+    assert refused.returncode == 1
+    retry_id = json.loads(refused.stdout)["request_id"]
+
+    header = home.ok("logs", str(apply_id)).splitlines()[:4]
+
+    assert header == [
+        f"apply {apply_id}: shop in staging, requested by alice",
+        f"  control request {stopped['request_id']}: stop by cli-test, completed",
+        f"  control request {resumed['request_id']}: resume by {OPERATOR}, completed",
+        f"  control request {retry_id}: resume by {OPERATOR}, failed",
+    ]
+    assert home.ok("audit") == "audited 1 apply: no violations\n"
+
+
+def test_views_of_an_apply_nobody_named_show_a_dash(home: Home) -> None:
+    apply_id = support.new_apply(home.db)  # as a Celery caller that says nothing records it
+    assert home.ok("status", str(apply_id)).splitlines()[1] == "  requested by -"
+    assert home.ok("logs", str(apply_id)).splitlines()[0].endswith(", requested by -")
+    assert json.loads(home.ok("status", str(apply_id), "--json"))["requested_by"] is None

@@ -20,7 +20,7 @@ from tests import support
 from tests.celery_fixtures import RecordingReporter
 
 
-def submit(db: Database, database: str) -> int:
+def submit(db: Database, database: str, requested_by: str | None = None) -> int:
     new = NewApply(
         database_name=database,
         environment="production",
@@ -29,13 +29,14 @@ def submit(db: Database, database: str) -> int:
             NewTask("orders", "ALTER TABLE orders ADD c INT", {"seconds": 0.01}),
             NewTask("customers", "ALTER TABLE customers ADD c INT", {"seconds": 0.01}),
         ],
+        requested_by=requested_by,
     )
     return leases.submit(db, new).apply_id
 
 
 def test_a_running_apply_and_one_waiting_behind_it(db: Database) -> None:
     database = support.new_database()
-    first = submit(db, database)
+    first = submit(db, database, requested_by="CN=deploy-bot (as alice)")
     view = service.get_apply(db, first)
     lease = leases.Lease(first, view["epoch"], str(support.lease_of(db, first)[2]))
     redeem(db, lease, "worker-1")
@@ -50,6 +51,7 @@ def test_a_running_apply_and_one_waiting_behind_it(db: Database) -> None:
         "reclaim_count": 0,
         "database": database,
         "environment": "production",
+        "requested_by": "CN=deploy-bot (as alice)",
         "position": None,
         "waiting_behind": None,
         "heartbeat_age": running["heartbeat_age"],
@@ -67,6 +69,7 @@ def test_a_running_apply_and_one_waiting_behind_it(db: Database) -> None:
         first,
     )
     assert waiting["epoch"] == 0
+    assert waiting["requested_by"] is None  # nobody said: recorded as nobody
 
     ApplyRunner(db, lease, SleepEngine(), Interrupts(), RecordingReporter()).run()
     done = service.get_apply(db, first)

@@ -125,7 +125,13 @@ def run_to_end(run: ApplyRunner, pub: Publisher, timeout: float = 30.0) -> Outco
         assert pub.join(timeout), "the publisher did not finish"
 
 
-def pr_apply(db: Database, seconds: tuple[float, ...], *, fail_at: int | None = None) -> int:
+def pr_apply(
+    db: Database,
+    seconds: tuple[float, ...],
+    *,
+    fail_at: int | None = None,
+    requested_by: str | None = None,
+) -> int:
     """A pending sleep apply on pull request acme/shop#42."""
     tasks = [
         NewTask(f"t{i}", f"ALTER TABLE t{i} ADD COLUMN c INT", {"seconds": s, "fail": i == fail_at})
@@ -139,6 +145,7 @@ def pr_apply(db: Database, seconds: tuple[float, ...], *, fail_at: int | None = 
         repository=REPOSITORY,
         pull_request=PR,
         head_sha=SHA,
+        requested_by=requested_by,
     )
     return applies.create(db, new).apply_id
 
@@ -408,7 +415,7 @@ def test_the_final_state_is_the_last_edit_and_concludes_the_check_run(
     }[ending]
     assert [state for _, state, _ in task_rows(bodies[-1])] == expected
     if ending == "failed":
-        assert "> sleep engine: task t1 failed as asked (fail=true)" in bodies[-1]
+        assert "```text\nsleep engine: task t1 failed as asked (fail=true)\n```" in bodies[-1]
     assert applies.get(db, apply_id)["state"] == ending
 
 
@@ -970,3 +977,37 @@ def _no_more_requests(github: GitHubStandIn, count: int, seconds: float) -> bool
             return False
         time.sleep(0.01)
     return True
+
+
+# --- who asked (issue 14) ------------------------------------------------------------------------
+
+
+def test_the_comment_names_who_asked_as_literal_text(
+    db: Database, github: GitHubStandIn, token: str
+) -> None:
+    """The requester is free text from another app: every body shows it once, in a code span it
+    cannot leave, so it mentions nobody, formats nothing and links nothing; and it never carries
+    another apply's marker, so that apply's publisher still makes a comment of its own instead of
+    adopting this one."""
+    other = pr_apply(db, (0.05,))  # on the same pull request, run second
+    hostile = (
+        f"@acme/dba **now** [x](https://evil.example) `rm` #1 <!-- leasehold apply={other} "
+        "epoch=9 -->"
+    )
+    apply_id = pr_apply(db, (0.05, 0.05), requested_by=hostile)
+    for each in (apply_id, other):
+        lease = run_lease(db, each)
+        pub = publisher(db, lease, github, token, comment_interval=0.02)
+        assert run_to_end(runner(db, lease, pub), pub) == Outcome(ApplyState.COMPLETED)
+
+    comments = {render.parse_marker(c.body)[0]: c for c in github.comments(OWNER, REPO, PR)}  # type: ignore[index]
+    assert sorted(comments) == sorted([apply_id, other])  # two comments: none was adopted
+    expected = "Requested by ``" + hostile.replace("<!", "<\u2060!") + "``"
+    bodies = github.comment_history(comments[apply_id].id)
+    assert len(bodies) >= 2
+    for body in bodies:
+        assert [line for line in body.splitlines() if "Requested by" in line] == [expected]
+        assert body.count("<!--") == 1  # its own marker only
+        assert render.marker_prefix(other) not in body
+    assert headline(bodies[-1]) == "completed"
+    assert "Requested by" not in github.comment_history(comments[other].id)[-1]

@@ -725,9 +725,11 @@ def test_upgrade_from_0004_keeps_every_row_and_old_applies_stay_readable(
     for table, rows in before.items():
         if table == VERSION_TABLE:
             continue
-        if table == "applies":  # the same rows, with the three new columns empty
+        if (
+            table == "applies"
+        ):  # the same rows, with the new columns (0005's three, 0006's one) empty
             assert [r[: len(rows[0])] for r in after[table]] == rows
-            assert all(r[len(rows[0]) :] == (None, None, None) for r in after[table])
+            assert all(r[len(rows[0]) :] == (None,) * 4 for r in after[table])
         else:
             assert after[table] == rows, table
     assert after["publications"] == []
@@ -735,3 +737,68 @@ def test_upgrade_from_0004_keeps_every_row_and_old_applies_stay_readable(
     assert (old["state"], old["lease_epoch"], old["effect_until"]) == ("completed", 3, None)
     assert [t["state"] for t in applies.tasks(fresh_db, 1)] == ["completed"]
     assert audit(fresh_db) == []
+
+
+def _downgrade_to(conn: Connection, revision: str) -> None:
+    cfg = alembic_config()
+    cfg.attributes["connection"] = conn
+    command.downgrade(cfg, revision)
+
+
+def _applies_columns(db: Database) -> list[str]:
+    with db.engine.connect() as conn:
+        return [c["name"] for c in inspect(conn).get_columns("applies")]
+
+
+def test_0006_adds_requested_by_and_its_downgrade_takes_it_away(fresh_db: Database) -> None:
+    """Revision 0006 adds ``applies.requested_by`` (older applies: NULL, and still audit clean);
+    its downgrade drops it again keeping every row, and upgrading once more gets back to the
+    tables module exactly."""
+    with fresh_db.engine.begin() as conn:
+        _migrate_to(conn, "0005")
+    assert "requested_by" not in _applies_columns(fresh_db)
+    now = "2026-12-01 12:00:00"
+    with fresh_db.transaction() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO applies (state, database_name, environment, engine, lease_epoch, "
+                f"created_at, updated_at) VALUES ('queued', 'shop', 'prod', 'sleep', 0, '{now}', "
+                f"'{now}')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO control_requests (apply_id, action, state, requested_by, created_at) "
+                f"SELECT id, 'stop', 'failed', 'ops', '{now}' FROM applies"
+            )
+        )
+    upgrade(fresh_db)
+    assert current_revision(fresh_db) == head_revision() == "0006"
+    assert _schema_diff(fresh_db) == []
+    (old,) = [int(row[0]) for row in _contents(fresh_db)["applies"]]
+    assert applies.get(fresh_db, old)["requested_by"] is None  # submitted before: nobody said
+    assert audit(fresh_db) == []
+    named = applies.create(
+        fresh_db,
+        applies.NewApply("shop", "test", "sleep", [applies.NewTask("t", "ALTER TABLE t ADD c INT")],
+                         requested_by="CN=deploy-bot (as alice)"),
+    ).apply_id  # fmt: skip
+    assert applies.get(fresh_db, named)["requested_by"] == "CN=deploy-bot (as alice)"
+    before = _contents(fresh_db)
+
+    with fresh_db.engine.begin() as conn:
+        _downgrade_to(conn, "0005")
+
+    assert current_revision(fresh_db) == "0005"
+    assert "requested_by" not in _applies_columns(fresh_db)
+    after = _contents(fresh_db)
+    at = list(metadata.tables["applies"].columns.keys()).index("requested_by")
+    for table, rows in before.items():
+        if table == "applies":  # every row, without the column
+            assert after[table] == [r[:at] + r[at + 1 :] for r in rows]
+        elif table != VERSION_TABLE:
+            assert after[table] == rows, table
+
+    assert upgrade(fresh_db) == ("0005", "0006")
+    assert _schema_diff(fresh_db) == []
+    assert applies.get(fresh_db, named)["requested_by"] is None  # the downgrade dropped it

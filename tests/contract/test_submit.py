@@ -104,3 +104,46 @@ def test_the_longest_names_accepted_fit_their_columns(db: Database) -> None:
         "e" * 64,
         "r" * 128,
     )
+
+
+# --- who asked (issue 14) ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "requested_by",
+    [None, "alice@laptop", "CN=deploy-bot (as alice)", "é" * 255, "🚀" * 255],
+    ids=["nobody", "plain", "composed", "longest-accented", "longest-astral"],
+)
+def test_submit_stores_who_asked(db: Database, requested_by: str | None) -> None:
+    """What the caller says is stored as said, up to the column's 255 characters of any script;
+    a caller that says nothing is recorded as nobody (the Celery task adds no default)."""
+    payload = good() if requested_by is None else good(requested_by=requested_by)
+    apply_id = service.submit(db, _settings(db), payload, SentLeases())
+    assert applies.get(db, apply_id)["requested_by"] == requested_by
+    assert service.get_apply(db, apply_id)["requested_by"] == requested_by
+
+
+def test_a_repeated_request_id_keeps_the_first_requester(db: Database) -> None:
+    first = service.submit(
+        db, _settings(db), good(request_id="deploy-7", requested_by="alice"), SentLeases()
+    )
+    again = service.submit(
+        db, _settings(db), good(request_id="deploy-7", requested_by="mallory"), SentLeases()
+    )
+    assert again == first
+    assert applies.get(db, first)["requested_by"] == "alice"
+
+
+@pytest.mark.parametrize(
+    "requested_by",
+    [7, ["ops"], "", "a" * 256, "alice\nforged", "\x1b[2Jalice"],
+    ids=["int", "list", "empty", "too-long", "newline", "escape"],
+)
+def test_a_malformed_requester_writes_nothing(db: Database, requested_by: object) -> None:
+    support.new_apply(db)  # something already there, which must stay as it is
+    before = support.snapshot(db)
+    sent = SentLeases()
+    with pytest.raises(InvalidInput, match="requested_by must"):
+        service.submit(db, _settings(db), good(requested_by=requested_by), sent)
+    assert support.snapshot(db) == before
+    assert sent.leases == []
