@@ -21,7 +21,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import ssl
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 
 class LeaseholdConfigError(ValueError):
@@ -124,6 +126,25 @@ if any(_app_parts) and not all(_app_parts):
         "GitHub App auth needs LEASEHOLD_GITHUB_APP_ID, LEASEHOLD_GITHUB_APP_PRIVATE_KEY (PEM text "
         "or a file path) and LEASEHOLD_GITHUB_APP_INSTALLATION_ID together"
     )
+# Signed messages (tasks/security.py, docs/security.md): a private key and its certificate (PEM
+# text or file paths) to sign with, and the certificates whose signatures are accepted (PEM text of
+# one or more, a file, a directory or a glob). All three or none: a worker that signs but accepts
+# anything, or accepts signatures it cannot make, would be a half-closed door.
+leasehold_security_key = _env.get("LEASEHOLD_SECURITY_KEY") or None
+leasehold_security_certificate = _env.get("LEASEHOLD_SECURITY_CERTIFICATE") or None
+leasehold_security_cert_store = _env.get("LEASEHOLD_SECURITY_CERT_STORE") or None
+_security_parts = {
+    "LEASEHOLD_SECURITY_KEY": leasehold_security_key,
+    "LEASEHOLD_SECURITY_CERTIFICATE": leasehold_security_certificate,
+    "LEASEHOLD_SECURITY_CERT_STORE": leasehold_security_cert_store,
+}
+if any(_security_parts.values()) and not all(_security_parts.values()):
+    _missing = sorted(name for name, value in _security_parts.items() if not value)
+    raise LeaseholdConfigError(
+        f"signed messages need LEASEHOLD_SECURITY_KEY, LEASEHOLD_SECURITY_CERTIFICATE and "
+        f"LEASEHOLD_SECURITY_CERT_STORE together; missing {', '.join(_missing)}"
+    )
+leasehold_var_dir = str(_var)
 leasehold_targets = _targets(_env.get("LEASEHOLD_TARGETS"))
 # Two lanes per worker (tasks/slots.py): apply slots run run_apply from the apply queue; Celery's
 # own pool (-c) serves the control plane (submit, control, status, reclaim) from the other queue.
@@ -183,6 +204,35 @@ if leasehold_dispatch_timeout <= leasehold_reclaim_interval:
 
 # --- Celery ---------------------------------------------------------------------------------------
 broker_url = _env.get("LEASEHOLD_BROKER_URL") or "filesystem://"
+# amqps:// with a private CA, a client certificate or a host-name check: py-amqp takes these only
+# from Celery's broker_use_ssl (kombu would pass ssl_* query parameters to py-amqp as they are,
+# which refuses them), so the rediss:// names in the query are moved there (docs/security.md).
+_amqps_files = {"ssl_ca_certs": "ca_certs", "ssl_certfile": "certfile", "ssl_keyfile": "keyfile"}
+_cert_reqs = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+_amqps = urlsplit(broker_url) if broker_url.startswith("amqps://") else None
+_amqps_query = parse_qsl(_amqps.query, keep_blank_values=True) if _amqps else []
+if _amqps is not None and any(k in (*_amqps_files, "ssl_cert_reqs") for k, _ in _amqps_query):
+    _ssl_query = {k: v for k, v in _amqps_query if k in (*_amqps_files, "ssl_cert_reqs")}
+    _reqs = _ssl_query.get("ssl_cert_reqs", "required")
+    if _reqs.lower().removeprefix("cert_") not in _cert_reqs:
+        raise LeaseholdConfigError(
+            f"LEASEHOLD_BROKER_URL: ssl_cert_reqs={_reqs!r} is not required, optional or none"
+        )
+    if ";" in broker_url:
+        raise LeaseholdConfigError(
+            "LEASEHOLD_BROKER_URL: ssl_* parameters need a single amqps:// URL, not a list"
+        )
+    broker_use_ssl: dict[str, object] = {
+        _amqps_files[k]: v for k, v in _ssl_query.items() if k in _amqps_files and v
+    }
+    broker_use_ssl["cert_reqs"] = _cert_reqs[_reqs.lower().removeprefix("cert_")]
+    if broker_use_ssl["cert_reqs"] != ssl.CERT_NONE:
+        # py-amqp checks the host name whenever server_hostname is set (and must not with
+        # CERT_NONE); kombu would put 127.0.0.1 for "localhost" if left to it.
+        broker_use_ssl["server_hostname"] = _amqps.hostname
+    broker_url = urlunsplit(
+        _amqps._replace(query=urlencode([(k, v) for k, v in _amqps_query if k not in _ssl_query]))
+    )
 if broker_url.startswith("filesystem://"):
     _queue = _var / "broker" / "queue"
     _processed = _var / "broker" / "processed"
@@ -202,6 +252,18 @@ if broker_url.startswith("filesystem://"):
 result_backend = _env.get("LEASEHOLD_RESULT_BACKEND") or f"db+sqlite:///{_var / 'results.sqlite3'}"
 if result_backend.startswith("db+sqlite:///"):
     _var.mkdir(parents=True, exist_ok=True)
+for _name, _url in (
+    ("LEASEHOLD_BROKER_URL", broker_url),
+    ("LEASEHOLD_RESULT_BACKEND", result_backend),
+):
+    # kombu takes a rediss:// URL without ssl_cert_reqs as "verify nothing" (a warning only):
+    # encrypted, but to whoever answers. Say it, or say none on purpose.
+    if _url.startswith("rediss://") and "ssl_cert_reqs=" not in _url:
+        raise LeaseholdConfigError(
+            f"{_name} is rediss:// without ssl_cert_reqs: add ssl_cert_reqs=required (and "
+            "ssl_ca_certs=<CA file> for a private CA), or ssl_cert_reqs=none to accept any "
+            "certificate (docs/security.md)"
+        )
 
 accept_content = ["json"]
 task_serializer = "json"

@@ -1,6 +1,7 @@
 """``leasehold doctor``: what an operator runs when something seems stuck.
 
-Checks the configuration, the store (reachable, migrated to this code's head), the broker
+Checks the configuration (with who may send leasehold work: whether messages are signed,
+``tasks/security.py``), the store (reachable, migrated to this code's head), the broker
 (reachable), that each leasehold queue has a consuming worker, that a beat runs reclaim passes
 (the age of the last one, by the database clock), that nothing of leasehold's waits in Celery's
 default queue ``celery`` (where a caller that names no queue sends, and no leasehold worker
@@ -20,11 +21,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from storage import applies, marks, migrate, publications
 from storage.database import Database, redact
 from storage.errors import LeaseholdError, StorageError, StorageUnavailable
-from tasks import deadletter
+from tasks import deadletter, security
 from tasks.settings import Settings
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -90,6 +92,7 @@ def _configuration(settings: Settings, app: Any) -> Iterator[Finding]:
             f"two heartbeats per LEASEHOLD_STALE_AFTER ({settings.stale_after:g}s): one slow "
             "heartbeat gets a healthy apply reclaimed",
         )
+    yield from _security(app)
     broker = str(conf.broker_url)
     if settings.database_url.startswith("sqlite") and not broker.startswith("filesystem://"):
         yield Finding(
@@ -98,6 +101,37 @@ def _configuration(settings: Settings, app: Any) -> Iterator[Finding]:
             f"the store is a SQLite file ({redact(settings.database_url)}) but the broker is "
             f"{_scheme(broker)}: workers on other machines cannot share that file",
         )
+
+
+def _security(app: Any) -> Iterator[Finding]:
+    """Who may send leasehold work, and whether GitHub's credentials cross the network in clear
+    (docs/security.md)."""
+    signing = security.signing()
+    if signing is not None:
+        yield Finding(
+            OK,
+            "security",
+            f"messages signed as {signing.signer}; taken only when signed by one of "
+            f"{len(signing.trusted)} certificates: {', '.join(sorted(signing.trusted.values()))}",
+        )
+    elif not str(app.conf.broker_url).startswith("filesystem://"):
+        yield Finding(
+            WARN,
+            "security",
+            "messages are not signed: any client that can write to the broker can submit, stop "
+            "and cancel applies (LEASEHOLD_SECURITY_*, docs/security.md)",
+        )
+    github = urlsplit(str(app.conf.leasehold_github_api_url))
+    if github.scheme != "https" and github.hostname not in _LOOPBACK:
+        yield Finding(
+            WARN,
+            "security",
+            f"LEASEHOLD_GITHUB_API_URL is {github.scheme}:// to {github.hostname}: GitHub's "
+            "token crosses the network in clear",
+        )
+
+
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 def _store(db: Database) -> Iterator[Finding]:

@@ -22,7 +22,7 @@ from storage.errors import (
     StorageBusy,
     StorageUnavailable,
 )
-from tasks import notify, runtime, service
+from tasks import notify, runtime, security, service
 from tasks.app import app
 from tasks.backoff import Backoff
 from tasks.dispatcher import send_notification, send_run
@@ -45,15 +45,28 @@ EXPECTED = (InvalidInput, ApplyNotFound, InvalidTransition, RowNotFound)
 
 @app.task(name="leasehold.submit_apply", bind=True, throws=EXPECTED)
 def submit_apply(self: Any, **payload: Any) -> dict[str, int]:
+    signer = _signer(self)
+    if signer is not None:
+        payload["requested_by"] = service.requester(payload.get("requested_by"), signer)
     apply_id = service.submit(runtime.database(), runtime.settings(), payload, send_run)
     return {"apply_id": apply_id}
 
 
-@app.task(name="leasehold.control_apply", throws=EXPECTED)
-def control_apply(apply_id: Any, action: Any, requested_by: Any = None) -> dict[str, Any]:
+@app.task(name="leasehold.control_apply", bind=True, throws=EXPECTED)
+def control_apply(
+    self: Any, apply_id: Any, action: Any, requested_by: Any = None
+) -> dict[str, Any]:
+    requested_by = service.requester(requested_by, _signer(self))
     return service.control_apply(
         runtime.database(), apply_id, action, requested_by, send_run, send_notification
     )
+
+
+def _signer(task: Any) -> str | None:
+    """Who signed the message, as the worker's guard verified it (tasks/security.py); None when
+    messages are not signed, or the task was called in-process."""
+    signer = getattr(task.request, security.SIGNER_HEADER, None)
+    return signer if isinstance(signer, str) else None
 
 
 @app.task(name="leasehold.get_apply", throws=EXPECTED)

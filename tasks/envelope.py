@@ -28,6 +28,7 @@ from kombu.exceptions import ContentDisallowed
 from kombu.utils import json as kombu_json
 
 from storage.errors import InvalidInput
+from tasks import security
 
 _loads: Callable[[str], Any] = kombu_json.loads  # kombu's, for its own type markers
 MAX_TASK_NAME: Final = 255
@@ -158,12 +159,14 @@ def examine(message: Any) -> Call:
         payload = message.decode()
     except ContentDisallowed:
         raise Refused(
-            f"content type {message.content_type!r} is not accepted (leasehold takes JSON only)"
+            security.describe_refusal(message.content_type, None)
+            or f"content type {message.content_type!r} is not accepted (leasehold takes JSON only)"
         ) from None
     except Exception as exc:
         cause = exc.__cause__ or exc.__context__ or exc
         raise Refused(
-            f"body does not decode as {message.content_type!r} "
+            security.describe_refusal(message.content_type, cause)
+            or f"body does not decode as {message.content_type!r} "
             f"({message.content_encoding or 'no content-encoding'}): "
             f"{type(cause).__name__}: {cause}"
         ) from None

@@ -38,13 +38,13 @@ import logging
 from collections.abc import Callable
 from typing import Any, Final
 
-from celery.exceptions import NotRegistered
+from celery.exceptions import NotRegistered, SecurityError
 from celery.utils.objects import Bunch
 from celery.worker.consumer import Consumer
 from kombu.utils import json as kombu_json
 
 from storage.errors import InvalidInput
-from tasks import deadletter
+from tasks import deadletter, security
 from tasks.admission import Admission
 from tasks.envelope import Named, examine, named
 
@@ -85,11 +85,20 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
         handle = super().create_task_handler(*args, **kwargs)
 
         def on_task_received(message: Any) -> None:
+            # Headers are not signed: whatever a sender wrote under this name is dropped, and only
+            # a signature the worker verified puts a signer there.
+            if isinstance(message.headers, dict):
+                message.headers.pop(security.SIGNER_HEADER, None)
             try:
                 call = examine(message)
+                if security.signing() is not None and isinstance(message.headers, dict):
+                    message.headers[security.SIGNER_HEADER] = security.signer_of(message.body)
                 known = self.admission.known(call.task)
                 if known:
                     self.admission.admit(call)
+            except SecurityError as exc:
+                self.refuse(message, f"signature refused: {exc}", answer=exc)
+                return
             except InvalidInput as exc:  # Refused, and the tasks' own argument errors
                 self.refuse(message, str(exc), answer=exc)
                 return
@@ -118,7 +127,9 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
     # --- Celery's own refusal hooks ---------------------------------------------------------
 
     def on_decode_error(self, message: Any, exc: BaseException) -> None:
-        self.refuse(message, f"undecodable: {type(exc).__name__}: {exc}")
+        # Remote-control broadcasts arrive here too: unsigned or foreign ones when signing is on.
+        why = security.describe_refusal(message.content_type, exc)
+        self.refuse(message, why or f"undecodable: {type(exc).__name__}: {exc}")
 
     def on_unknown_message(self, body: Any, message: Any) -> None:
         self.refuse(message, "not a task message: no task name")

@@ -18,6 +18,7 @@ from storage import marks, open_database
 from storage.database import Database
 from storage.migrate import head_revision, upgrade
 from tests import support
+from tests.certs import self_signed
 from tests.e2e.helpers import client_app
 
 COMMAND = support.LEASEHOLD
@@ -172,3 +173,49 @@ def test_a_heartbeat_too_close_to_stale_after_is_said(
         line.startswith("warn LEASEHOLD_HEARTBEAT_INTERVAL (20s) leaves fewer than two")
         for line in topics["config"]
     ), topics["config"]
+
+
+# --- who may send work (issue 14) ----------------------------------------------------------------
+
+
+def test_unsigned_messages_on_a_shared_broker_are_a_warning(
+    migrated: tuple[dict[str, str], Database], tmp_path: Path
+) -> None:
+    env, _ = migrated
+    env["LEASEHOLD_BROKER_URL"] = "redis://127.0.0.1:1/0"  # unreachable: only the setting counts
+    env["LEASEHOLD_RESULT_BACKEND"] = "redis://127.0.0.1:1/1"
+    _, topics = doctor(env, tmp_path)
+    assert topics["security"] == [
+        "warn messages are not signed: any client that can write to the broker can submit, "
+        "stop and cancel applies (LEASEHOLD_SECURITY_*, docs/security.md)"
+    ]
+
+
+def test_signed_messages_name_the_signer_and_whom_the_workers_trust(
+    migrated: tuple[dict[str, str], Database], tmp_path: Path
+) -> None:
+    env, _ = migrated
+    worker, client = (self_signed(tmp_path, name) for name in ("leasehold-worker", "deploy-bot"))
+    env["LEASEHOLD_SECURITY_KEY"] = str(worker.key_path)
+    env["LEASEHOLD_SECURITY_CERTIFICATE"] = str(worker.cert_path)
+    env["LEASEHOLD_SECURITY_CERT_STORE"] = worker.cert_pem + client.cert_pem
+    _, topics = doctor(env, tmp_path)
+    assert topics["security"] == [
+        "ok messages signed as CN=leasehold-worker; taken only when signed by one of 2 "
+        "certificates: CN=deploy-bot, CN=leasehold-worker"
+    ]
+
+
+def test_github_over_plain_http_to_another_host_is_a_warning(
+    migrated: tuple[dict[str, str], Database], tmp_path: Path
+) -> None:
+    env, _ = migrated
+    env["LEASEHOLD_GITHUB_API_URL"] = "http://ghe.example/api/v3"
+    _, topics = doctor(env, tmp_path)
+    assert topics["security"] == [
+        "warn LEASEHOLD_GITHUB_API_URL is http:// to ghe.example: GitHub's token crosses the "
+        "network in clear"
+    ]
+    env["LEASEHOLD_GITHUB_API_URL"] = "http://127.0.0.1:9/"  # a local stand-in (the demo)
+    _, topics = doctor(env, tmp_path)
+    assert "security" not in topics
