@@ -19,6 +19,7 @@ from storage.states import ApplyState, ControlAction, ControlState
 from tasks import notify as notifier
 from tasks.github.owed import publish_owed
 from tasks.payload import MAX_REQUESTED_BY, parse_submission
+from tasks.payload import requested_by as checked_requester
 from tasks.settings import Settings
 
 Send = Callable[[Lease], object]
@@ -88,13 +89,9 @@ def requester(claimed: object, signer: str | None) -> str | None:
 
 
 def _claimed(value: object) -> str | None:
-    """A caller's ``requested_by`` of a control request: None, or a string that fits its
-    column."""
-    if value is None:
-        return None
-    if not isinstance(value, str) or len(value) > MAX_REQUESTED_BY:
-        raise InvalidInput(f"requested_by must be a string of at most {MAX_REQUESTED_BY} chars")
-    return value
+    """A caller's ``requested_by``, held to the submit payload's rule (printable text that fits
+    its column): a control request's requester is shown on the same terminals and pages."""
+    return checked_requester(value)
 
 
 def reclaim_stale(

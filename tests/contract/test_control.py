@@ -259,7 +259,8 @@ BAD = [
     pytest.param(2**63, "stop", "ops", InvalidInput, "apply_id must be a positive", id="id-huge"),
     pytest.param(None, "stop", "ops", InvalidInput, "apply_id must be a positive", id="id-null"),
     pytest.param(REAL, "stop", 7, InvalidInput, "requested_by must be a string", id="by-int"),
-    pytest.param(REAL, "stop", "x" * 256, InvalidInput, "at most 255", id="by-long"),
+    pytest.param(REAL, "stop", "x" * 256, InvalidInput, "1 to 255 characters", id="by-long"),
+    pytest.param(REAL, "stop", "ops\nstop by root", InvalidInput, "printable", id="by-newline"),
     pytest.param(987654, "stop", "ops", ApplyNotFound, "apply 987654 does not exist", id="unknown"),
 ]
 

@@ -346,7 +346,8 @@ BAD = [
     pytest.param(0, "retry", "ops", InvalidInput, "apply_id must be a positive", id="id-zero"),
     pytest.param(2.0, "retry", "ops", InvalidInput, "apply_id must be a positive", id="id-float"),
     pytest.param(REAL, "retry", 7, InvalidInput, "requested_by must be a string", id="by-int"),
-    pytest.param(REAL, "retry", "x" * 256, InvalidInput, "at most 255", id="by-long"),
+    pytest.param(REAL, "retry", "x" * 256, InvalidInput, "1 to 255 characters", id="by-long"),
+    pytest.param(REAL, "retry", "ops\nretry by root", InvalidInput, "printable", id="by-newline"),
 ]
 
 

@@ -24,7 +24,6 @@ from tests.payloads import TARGETS, good
         (None, "CN=deploy-bot", "CN=deploy-bot"),
         ("alice", None, "alice"),
         ("alice", "CN=deploy-bot", "CN=deploy-bot (as alice)"),
-        ("", None, ""),  # said nothing: kept as said (the audit flags a blank requester)
         ("a" * MAX_REQUESTED_BY, None, "a" * MAX_REQUESTED_BY),
     ],
 )
@@ -43,15 +42,27 @@ def test_requester_cuts_a_composition_to_the_column() -> None:
 
 
 @pytest.mark.parametrize(
-    "claimed",
-    [7, 1.5, True, ["alice"], {"name": "alice"}, b"alice", "a" * (MAX_REQUESTED_BY + 1)],
-    ids=["int", "float", "bool", "list", "dict", "bytes", "too-long"],
+    ("claimed", "expected"),
+    [
+        (7, "must be a string"),
+        (1.5, "must be a string"),
+        (True, "must be a string"),
+        (["alice"], "must be a string"),
+        ({"name": "alice"}, "must be a string"),
+        (b"alice", "must be a string"),
+        ("a" * (MAX_REQUESTED_BY + 1), "must hold 1 to 255 characters"),
+        ("", "must hold 1 to 255 characters"),
+        ("alice\nstop by root", "must be printable text"),
+    ],
+    ids=["int", "float", "bool", "list", "dict", "bytes", "too-long", "empty", "line-break"],
 )
 @pytest.mark.parametrize("signer", [None, "CN=deploy-bot"])
-def test_requester_refuses_a_claim_that_is_not_a_short_string(
-    claimed: object, signer: str | None
+def test_requester_holds_a_claim_to_the_submit_rule(
+    claimed: object, expected: str, signer: str | None
 ) -> None:
-    with pytest.raises(InvalidInput, match="requested_by must be a string of at most 255"):
+    """Submit and control requests take the same claims: printable text that fits the column (a
+    line break in a control request's requester would forge a line of ``leasehold logs``)."""
+    with pytest.raises(InvalidInput, match=f"requested_by {expected}"):
         requester(claimed, signer)
 
 
