@@ -415,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out=lambda line: print(line, flush=True),
         )
     except BaseException as exc:
-        # tests/servers.py reports a missing server with pytest's skip outcome.
+        # tests/servers/ reports a missing server with pytest's skip outcome.
         if type(exc).__name__ in ("Skipped", "Failed"):
             print(f"SKIPPED, NOT MEASURED: {exc}", flush=True)
             print(

@@ -266,7 +266,7 @@ def _stop_pid(pid: int, sig: int, timeout: float = 60.0) -> None:
 
 @contextmanager
 def private_mariadb(folder: Path, max_connections: int) -> Iterator[Server]:
-    """A ``mariadbd`` of this bench's own (as ``tests/servers.py`` starts one, with the shared
+    """A ``mariadbd`` of this bench's own (as ``tests/servers/`` starts one, with the shared
     server's InnoDB settings and room for ``max_connections``), stopped by its pid."""
     datadir = folder / "data"
     installed = subprocess.run(

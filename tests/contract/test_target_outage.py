@@ -1,7 +1,7 @@
 """Target outages and the target-side fence, with ``ApplyRunner`` driven in-process against a real
 store (SQLite and MariaDB) and real targets:
 
-- a private ``mariadbd`` (``tests/servers.py``) SIGKILLed mid-ALTER and started again, as a
+- a private ``mariadbd`` (``tests/servers/``) SIGKILLed mid-ALTER and started again, as a
   failover does: an outage shorter than ``LEASEHOLD_TARGET_RETRY`` is ridden out and the apply
   completes by itself; a longer one fails the apply with a message for people;
 - a target that refuses connections while a stop, cancel or lost lease arrives: the wait between

@@ -2,7 +2,7 @@
 
 Each of those tests breaks a server or a link, so none of them runs on the shared servers of the
 ``stack`` fixture: a test builds its own deployment (``private_deployment``) on a private
-``redis-server`` (``tests/servers.py``: broker on database 0, results on 1) and on a store of its
+``redis-server`` (``tests/servers/``: broker on database 0, results on 1) and on a store of its
 own (a private ``mariadbd``, or a scratch database on the shared MariaDB), and its own
 ``Cluster`` of real celery processes (``fault_cluster``), whose logs are attached to the report of
 a failing test like the ``cluster`` fixture's.

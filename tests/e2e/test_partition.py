@@ -1,7 +1,7 @@
 """Network partitions (issue 10, part 7): a worker keeps running but cannot reach the store.
 
 One worker runs inside a network namespace (``ip netns exec``) and reaches MariaDB and Redis only
-through ``socat`` forwarders across veth pairs (``tests/servers.py`` ``Namespace``; Redis on a
+through ``socat`` forwarders across veth pairs (``tests/servers/`` ``Namespace``; Redis on a
 second pair of its own, ``tests/e2e/faults.py`` ``Link``). Setting the host end of a pair down
 drops its packets silently, as a partition does: no reset, the worker's statements hang. Another
 worker and beat run on the host.
