@@ -121,6 +121,22 @@ def _refused(url: str, why: str) -> None:
 
 
 @pytest.mark.mysql
+def _an_apply_runs(db: Database) -> None:
+    """A whole sleep apply over ``db``: created, dispatched, redeemed, checkpointed, completed;
+    then the finished apply's lease admits nothing any more."""
+    apply_id = sleep_apply(db, (0.05, 0.05))
+    lease = run_lease(db, apply_id)
+    runner = ApplyRunner(
+        db, lease, SleepEngine(), Interrupts(), RecordingReporter(), progress_interval=0.0
+    )
+    assert runner.run() == Outcome(ApplyState.COMPLETED)
+    row = applies.get(db, apply_id)
+    assert (row["state"], row["error"]) == (ApplyState.COMPLETED, None)
+    assert [t["state"] for t in applies.tasks(db, apply_id)] == ["completed", "completed"]
+    with pytest.raises(LeaseLost), fence(db, lease):
+        pass
+
+
 def test_migrate_and_an_apply_run_over_tls(server: PrivateMariaDB) -> None:
     db = open_database(_verified(server))
     try:
@@ -130,17 +146,7 @@ def test_migrate_and_an_apply_run_over_tls(server: PrivateMariaDB) -> None:
         assert cipher, "the store's session is not encrypted"
         assert version.startswith("TLSv1."), version
 
-        apply_id = sleep_apply(db, (0.05, 0.05))
-        lease = run_lease(db, apply_id)
-        runner = ApplyRunner(
-            db, lease, SleepEngine(), Interrupts(), RecordingReporter(), progress_interval=0.0
-        )
-        assert runner.run() == Outcome(ApplyState.COMPLETED)
-        row = applies.get(db, apply_id)
-        assert (row["state"], row["error"]) == (ApplyState.COMPLETED, None)
-        assert [t["state"] for t in applies.tasks(db, apply_id)] == ["completed", "completed"]
-        with pytest.raises(LeaseLost), fence(db, lease):
-            pass  # the finished apply's lease admits nothing any more
+        _an_apply_runs(db)
     finally:
         db.dispose()
 
@@ -265,17 +271,7 @@ def test_postgres_migrate_and_an_apply_run_over_tls(pg_server: PrivatePostgres) 
         assert encrypted, "the store's session is not encrypted"
         assert version.startswith("TLSv1."), version
 
-        apply_id = sleep_apply(db, (0.05, 0.05))
-        lease = run_lease(db, apply_id)
-        runner = ApplyRunner(
-            db, lease, SleepEngine(), Interrupts(), RecordingReporter(), progress_interval=0.0
-        )
-        assert runner.run() == Outcome(ApplyState.COMPLETED)
-        row = applies.get(db, apply_id)
-        assert (row["state"], row["error"]) == (ApplyState.COMPLETED, None)
-        assert [t["state"] for t in applies.tasks(db, apply_id)] == ["completed", "completed"]
-        with pytest.raises(LeaseLost), fence(db, lease):
-            pass
+        _an_apply_runs(db)
         assert _pg_session_tls(db)[0]  # every session of the pool, not only the first
     finally:
         db.dispose()

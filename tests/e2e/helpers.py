@@ -34,9 +34,10 @@ from celery.events.state import State
 from sqlalchemy import RowMapping, select
 
 from leases import Lease, mint_token
-from storage import applies
+from storage import applies, open_database
 from storage.database import Database
 from storage.errors import StorageError
+from storage.migrate import upgrade
 from storage.tables import metadata
 from tasks.testing.processes import CeleryProcess, beat, worker
 from tests.support import new_database
@@ -147,6 +148,40 @@ def close_client(app: Any) -> None:
     if pool is not None:
         pool.disconnect()
     app.close()
+
+
+@contextmanager
+def sqlite_stack(
+    name: str, place: Path, urls: Mapping[str, str], *, redis: bool
+) -> Iterator[Stack]:
+    """A deployment of its own in ``place``: a SQLite store (migrated) and the broker and result
+    backend ``urls`` give (``LEASEHOLD_BROKER_URL``, ``LEASEHOLD_RESULT_BACKEND``; the embedded
+    defaults under ``place/var`` otherwise), for a module whose broker is a server of its own."""
+    database_url = f"sqlite:///{place / 'leasehold.sqlite3'}"
+    env = process_env(
+        {"LEASEHOLD_DATABASE_URL": database_url, "LEASEHOLD_VAR_DIR": str(place / "var"), **urls}
+    )
+    db = open_database(database_url)
+    upgrade(db)
+    client = client_app(env)
+    try:
+        yield Stack(name, place, database_url, env, db, client, redis=redis)
+    finally:
+        # kombu's process-wide pools keep broker connections by URL; a module's own broker goes
+        # away with the module, so its connections must not be left for the collector.
+        client.amqp.producer_pool.force_close_all()
+        client.pool.force_close_all()
+        close_client(client)
+        db.dispose()
+
+
+def doctor_topics(stack: Stack, timeout: float) -> dict[str, str]:
+    """``leasehold doctor``'s lines by topic, each as ``<verdict> <topic> <text>`` (lower case,
+    spaces collapsed)."""
+    done = stack.cli("doctor", "--timeout", f"{timeout:g}", check=False)
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = [" ".join(line.split()).lower() for line in done.stdout.splitlines() if line.strip()]
+    return {line.split()[1]: line for line in lines if len(line.split()) > 2}
 
 
 # --- processes -----------------------------------------------------------------------------------

@@ -26,19 +26,16 @@ import pytest
 import redis
 from kombu import connection as kombu_connection
 
-from storage import open_database
-from storage.migrate import upgrade
 from tests.certs import Authority, Issued, make_authority
 from tests.e2e.faults import fault_cluster
 from tests.e2e.helpers import (
     RESULT_TIMEOUT,
     Stack,
-    client_app,
-    close_client,
     describe,
-    process_env,
+    doctor_topics,
     row,
     sleep_payload,
+    sqlite_stack,
     submit_task,
     wait_state,
 )
@@ -91,35 +88,9 @@ def stack(broker: PrivateRedis, client_cert: Issued, folder: Path) -> Iterator[S
     place.mkdir()
     broker_url, backend_url = _urls(broker, client_cert)
     assert broker_url.startswith("rediss://")
-    database_url = f"sqlite:///{place / 'leasehold.sqlite3'}"
-    env = process_env(
-        {
-            "LEASEHOLD_DATABASE_URL": database_url,
-            "LEASEHOLD_BROKER_URL": broker_url,
-            "LEASEHOLD_RESULT_BACKEND": backend_url,
-            "LEASEHOLD_VAR_DIR": str(place / "var"),
-        }
-    )
-    db = open_database(database_url)
-    upgrade(db)
-    client = client_app(env)
-    try:
-        yield Stack("redis-tls", place, database_url, env, db, client, redis=True)
-    finally:
-        # kombu's process-wide pools keep broker connections (TLS sockets) by URL; this Redis
-        # goes away with the module, so they must not be left for the collector.
-        client.amqp.producer_pool.force_close_all()
-        client.pool.force_close_all()
-        close_client(client)
-        db.dispose()
-
-
-def _doctor(stack: Stack) -> dict[str, str]:
-    """``leasehold doctor``'s lines by topic, each as ``<verdict> <topic> <text>``."""
-    done = stack.cli("doctor", "--timeout", "1", check=False)
-    assert "Traceback" not in done.stderr, done.stderr
-    lines = [" ".join(line.split()).lower() for line in done.stdout.splitlines() if line.strip()]
-    return {line.split()[1]: line for line in lines if len(line.split()) > 2}
+    urls = {"LEASEHOLD_BROKER_URL": broker_url, "LEASEHOLD_RESULT_BACKEND": backend_url}
+    with sqlite_stack("redis-tls", place, urls, redis=True) as made:
+        yield made
 
 
 def test_an_apply_completes_over_tls(stack: Stack, request: pytest.FixtureRequest) -> None:
@@ -139,7 +110,7 @@ def test_an_apply_completes_over_tls(stack: Stack, request: pytest.FixtureReques
         backend_pool = stack.client.backend.client.connection_pool
         assert issubclass(backend_pool.connection_class, redis.SSLConnection)
 
-        found = _doctor(stack)
+        found = doctor_topics(stack, timeout=1)
         assert found["broker"] == "ok broker reachable (rediss://)", found
         assert found["dead"].startswith("ok dead no dead letters"), found
 

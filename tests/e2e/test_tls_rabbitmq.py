@@ -35,8 +35,6 @@ from urllib.parse import quote, urlsplit
 
 import pytest
 
-from storage import open_database
-from storage.migrate import upgrade
 from tests.certs import Authority, Issued, make_authority
 from tests.conftest import unavailable
 from tests.e2e.conftest import AMQP_URL, rabbitmq_vhost
@@ -45,11 +43,12 @@ from tests.e2e.helpers import (
     RESULT_TIMEOUT,
     Stack,
     client_app,
-    close_client,
     describe,
+    doctor_topics,
     process_env,
     row,
     sleep_payload,
+    sqlite_stack,
     submit_task,
     wait_state,
 )
@@ -188,34 +187,10 @@ def stack(front: TLSFront, vhost: str, client_cert: Issued, folder: Path) -> Ite
     """A deployment whose broker is RabbitMQ through ``front``, over TLS."""
     place = folder / f"deploy-{front.port}"
     place.mkdir()
-    database_url = f"sqlite:///{place / 'leasehold.sqlite3'}"
-    env = process_env(
-        {
-            "LEASEHOLD_DATABASE_URL": database_url,
-            "LEASEHOLD_BROKER_URL": _url(front, vhost, client_cert),
-            "LEASEHOLD_VAR_DIR": str(place / "var"),  # the result backend: SQLite there
-        }
-    )
-    db = open_database(database_url)
-    upgrade(db)
-    client = client_app(env)
-    try:
-        yield Stack("rabbitmq-tls", place, database_url, env, db, client, redis=False)
-    finally:
-        # kombu's process-wide pools keep broker connections (TLS sockets) by URL; this front
-        # goes away with the module.
-        client.amqp.producer_pool.force_close_all()
-        client.pool.force_close_all()
-        close_client(client)
-        db.dispose()
-
-
-def _doctor(stack: Stack) -> dict[str, str]:
-    """``leasehold doctor``'s lines by topic, each as ``<verdict> <topic> <text>``."""
-    done = stack.cli("doctor", "--timeout", "2", check=False)
-    assert "Traceback" not in done.stderr, done.stderr
-    lines = [" ".join(line.split()).lower() for line in done.stdout.splitlines() if line.strip()]
-    return {line.split()[1]: line for line in lines if len(line.split()) > 2}
+    # The result backend: the embedded default's SQLite under place/var.
+    urls = {"LEASEHOLD_BROKER_URL": _url(front, vhost, client_cert)}
+    with sqlite_stack("rabbitmq-tls", place, urls, redis=False) as made:
+        yield made
 
 
 def test_an_apply_completes_over_amqps(
@@ -249,7 +224,7 @@ def test_an_apply_completes_over_amqps(
             assert peer is not None
             assert ("DNS", "localhost") in peer["subjectAltName"]
 
-        found = _doctor(stack)
+        found = doctor_topics(stack, timeout=2)
         assert found["broker"] == "ok broker reachable (amqps://)", found
         assert found["workers"].startswith("ok workers queue"), found
         assert found["dead"].startswith("ok dead no dead letters"), found
