@@ -19,6 +19,7 @@ from storage import open_database
 from storage.database import Database
 from storage.migrate import upgrade
 from tests import races, support
+from tests.certs import Authority, Issued, make_authority
 
 CI = bool(os.environ.get("CI"))
 MYSQL_SERVER_URL = os.environ.get(
@@ -230,3 +231,18 @@ def spawn() -> Iterator[races.Spawn]:
     """Threads whose outcome a test inspects (``tests/races.py``); at teardown every one is
     joined with a timeout, so none outlives its test."""
     yield from races.spawner()
+
+
+# --- certificates (tests/certs.py) ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def authority(tmp_path_factory: pytest.TempPathFactory) -> Authority:
+    """A CA of the module's own, for the TLS tests' servers and clients."""
+    return make_authority(tmp_path_factory.mktemp("pki"), "leasehold-test-ca")
+
+
+@pytest.fixture(scope="module")
+def client_cert(authority: Authority) -> Issued:
+    """A client certificate from ``authority`` (CN=leasehold-worker)."""
+    return authority.issue("leasehold-worker", client=True)

@@ -68,11 +68,6 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def authority(folder: Path) -> Authority:
-    return make_authority(folder / "pki", "leasehold-test-ca")
-
-
-@pytest.fixture(scope="module")
 def server(folder: Path, authority: Authority) -> Iterator[PrivateMariaDB]:
     if importlib.util.find_spec("MySQLdb") is None:
         unavailable("mysqlclient is not installed; run scripts/bootstrap.sh")

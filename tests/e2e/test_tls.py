@@ -51,16 +51,6 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("tls")
 
 
-@pytest.fixture(scope="module")
-def authority(folder: Path) -> Authority:
-    return make_authority(folder / "pki", "leasehold-test-ca")
-
-
-@pytest.fixture(scope="module")
-def client_cert(authority: Authority) -> Issued:
-    return authority.issue("leasehold-worker", client=True)
-
-
 @pytest.fixture(scope="module", params=["server-cert", "client-cert"])
 def broker(
     request: pytest.FixtureRequest, folder: Path, authority: Authority

@@ -66,16 +66,6 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def authority(folder: Path) -> Authority:
-    return make_authority(folder / "pki", "leasehold-test-ca")
-
-
-@pytest.fixture(scope="module")
-def client_cert(authority: Authority) -> Issued:
-    return authority.issue("leasehold-worker", client=True)
-
-
-@pytest.fixture(scope="module")
 def vhost() -> Iterator[str]:
     """A vhost of the module's own on the shared RabbitMQ (deleted after it)."""
     if shutil.which("socat") is None:
