@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/reclaim_scan.py
 	$(BIN)/python bench/failover.py
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/signing.py
 	$(BIN)/python bench/effects.py
 	$(BIN)/python bench/control_latency.py
 	$(BIN)/python bench/chaos.py --seed 1 --applies 120 --seconds 300

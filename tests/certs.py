@@ -7,14 +7,17 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from celery.security.serialization import register_auth
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from kombu.serialization import registry
 
 _VALID = datetime.timedelta(days=2)
 
@@ -147,3 +150,18 @@ def self_signed(directory: Path, common_name: str) -> Issued:
         .sign(key, hashes.SHA256())
     )
     return _write(directory, common_name, cert, key)
+
+
+@contextmanager
+def signing_as(issued: Issued | None) -> Iterator[str]:
+    """This process sends as ``issued`` (Celery's ``auth`` serializer, registered process-wide as
+    a calling app's ``setup_security`` would), or unsigned (JSON) for None. Yields the serializer
+    name for ``send_task``; the ``auth`` serializer is unregistered afterwards."""
+    if issued is None:
+        yield "json"
+        return
+    register_auth(issued.key_pem, None, issued.cert_pem, None, "sha256", "json")
+    try:
+        yield "auth"
+    finally:
+        registry.unregister("auth")  # type: ignore[no-untyped-call]

@@ -19,7 +19,6 @@ import re
 import threading
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
-from celery.security.serialization import register_auth
-from kombu.serialization import registry
 from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 
@@ -36,7 +33,7 @@ from storage.tables import applies as applies_table
 from storage.tables import control_requests
 from tasks.testing.processes import CeleryProcess
 from tasks.testing.standin import GitHubStandIn
-from tests.certs import Issued, self_signed
+from tests.certs import Issued, self_signed, signing_as
 from tests.e2e.helpers import (
     RESULT_TIMEOUT,
     Cluster,
@@ -150,20 +147,6 @@ def secured(stack: Stack, keys: Keys, github: tuple[GitHubStandIn, str]) -> Iter
 
 def _pem_body(pem: str) -> list[str]:
     return [line for line in pem.splitlines() if line and not line.startswith("-----")]
-
-
-@contextmanager
-def signing_as(issued: Issued | None) -> Iterator[str]:
-    """Send as ``issued`` (Celery's ``auth`` serializer, as the README's example sets it up), or
-    unsigned (JSON) for None. Yields the serializer name for ``send_task``."""
-    if issued is None:
-        yield "json"
-        return
-    register_auth(issued.key_pem, None, issued.cert_pem, None, "sha256", "json")
-    try:
-        yield "auth"
-    finally:
-        registry.unregister("auth")  # type: ignore[no-untyped-call]
 
 
 def send(
