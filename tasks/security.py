@@ -74,7 +74,15 @@ def setup(app: Any) -> Signing | None:
     certificate = _file(raw[1], folder, "certificate", marker="CERTIFICATE")
     store = _store(raw[2], folder)
     trusted = _trusted(store)
-    signer = _subject(Path(certificate).read_bytes(), "LEASEHOLD_SECURITY_CERTIFICATE")
+    own = _load(Path(certificate).read_bytes(), "LEASEHOLD_SECURITY_CERTIFICATE")
+    if _celery_id(own) not in trusted:
+        # Workers take leasehold's own messages (dispatches, beat's passes) only if they trust
+        # the certificate those are signed with: without it every apply would wait forever.
+        raise _config_error(
+            f"LEASEHOLD_SECURITY_CERT_STORE does not hold this process's own certificate "
+            f"({own.subject.rfc4514_string()}): workers would refuse leasehold's own messages"
+        )
+    signer = own.subject.rfc4514_string()
     conf.update(
         security_key=key,
         security_certificate=certificate,
@@ -191,13 +199,15 @@ def _trusted(store: str) -> dict[str, str]:
     for path in sorted(glob.glob(pattern)):
         pem = Path(path).read_bytes()
         cert = _load(pem, path)
-        issuer = " ".join(str(attribute.value) for attribute in cert.issuer)
-        trusted[f"{issuer} {cert.serial_number}"] = cert.subject.rfc4514_string()
+        trusted[_celery_id(cert)] = cert.subject.rfc4514_string()
     return trusted
 
 
-def _subject(pem: bytes, where: str) -> str:
-    return _load(pem, where).subject.rfc4514_string()
+def _celery_id(cert: x509.Certificate) -> str:
+    """The id Celery signs with and looks certificates up by: the issuer's values and the serial
+    number (``celery.security.certificate.Certificate.get_id``)."""
+    issuer = " ".join(str(attribute.value) for attribute in cert.issuer)
+    return f"{issuer} {cert.serial_number}"
 
 
 def _load(pem: bytes, where: str) -> x509.Certificate:

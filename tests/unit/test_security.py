@@ -142,6 +142,15 @@ def test_paths_are_used_as_they_are(tmp_path: Path, certs: dict[str, Issued]) ->
             id="a-broken-key",
         ),
         pytest.param(
+            {
+                "SECURITY_KEY": "KEY",
+                "SECURITY_CERTIFICATE": "CERT",
+                "SECURITY_CERT_STORE": "OTHER",
+            },
+            "does not hold this process's own certificate (CN=worker)",
+            id="own-certificate-untrusted",
+        ),
+        pytest.param(
             {"BROKER_URL": "rediss://127.0.0.1:6380/0"},
             "LEASEHOLD_BROKER_URL is rediss:// without ssl_cert_reqs",
             id="rediss-unverified",
@@ -153,8 +162,10 @@ def test_a_wrong_setting_is_one_clear_line(
 ) -> None:
     # The placeholders stand for the parts of a setting that are right.
     fill = {
+        "KEY": certs["worker"].key_pem,
         "CERT": certs["worker"].cert_pem,
         "STORE": certs["worker"].cert_pem,
+        "OTHER": certs["client"].cert_pem,
     }
     values = {k: fill.get(v, v) for k, v in values.items()}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LEASEHOLD_", "CELERY_"))}
