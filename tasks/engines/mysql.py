@@ -261,12 +261,18 @@ class MySQLEngine(Engine):
         try:
             ctx.progress(0)
             killing = self._watch(target, ddl, ctx)
-        except TargetUnavailable:
+        except TargetUnavailable as lost:
             # The watcher lost the target. Unless asked to stop, leave the DDL be: if it still
             # runs, the next attempt's fence finds it by its tag and waits for it.
-            if ctx.cancelled.is_set() and ddl.is_alive():
+            if not ctx.cancelled.is_set():
+                raise
+            if ddl.is_alive():
                 _kill(target, f"KILL QUERY {ddl.connection_id:d}")
-            raise
+            # Asked to stop: the brake wins over the outage (which would be retried for up to
+            # LEASEHOLD_TARGET_RETRY). The DDL's fate is unknown; the fence finds it by its tag.
+            raise EngineCancelled(
+                f"DDL on {task.table_name} interrupted (the target was lost meanwhile: {lost})"
+            ) from lost
         except BaseException:
             # Leaving early (LeaseLost from ctx.progress): never leave the DDL running
             # unattended on the target, where nobody holding this apply watches it any more.

@@ -38,6 +38,7 @@ from storage.errors import LeaseLost
 from storage.states import ApplyState, ControlAction, TaskState
 from tasks import service
 from tasks.engines import EngineCancelled, EngineContext
+from tasks.engines import mysql as mysql_engine
 from tasks.engines.mysql import MySQLEngine
 from tasks.engines.tags import Tag
 from tasks.heartbeat import Heartbeat
@@ -413,9 +414,14 @@ def test_a_lease_lost_during_the_wait_for_the_target_writes_nothing_more(
     assert [epoch for epoch, *_ in logs] == sorted(epoch for epoch, *_ in logs)
 
 
-def test_cancelling_cannot_hang_on_a_frozen_target(server: PrivateMariaDB) -> None:
+@pytest.mark.parametrize("when", ["before-its-poll", "during-its-poll"])
+def test_cancelling_cannot_hang_on_a_frozen_target(server: PrivateMariaDB, when: str) -> None:
     """A target frozen mid-statement (SIGSTOP: connections hang, nothing is refused): the
-    engine gives up watching and killing within its short timeouts once asked to stop."""
+    engine gives up watching and killing within its short timeouts once asked to stop, and the
+    outcome is the stop, not the outage (which would be retried for minutes). ``during-its-poll``:
+    the stop is asked once the watcher's progress poll already hangs on the frozen target (a poll
+    starts every ``POLL`` s, so after a few the watcher is in one), so the watcher learns of the
+    outage, not of the stop, first."""
     name = support.new_database()
     url = server.create_database(name)
     progress = Recorder()
@@ -432,6 +438,10 @@ def test_cancelling_cannot_hang_on_a_frozen_target(server: PrivateMariaDB) -> No
     )
     os.kill(server.pid, signal.SIGSTOP)
     try:
+        if when == "during-its-poll":
+            # Three poll periods: the watcher is then stuck in a poll (were it slower, it would
+            # meet the stop first, the other case: either way the outcome must be the stop).
+            time.sleep(3 * mysql_engine.POLL)
         asked = time.monotonic()
         ctx.cancelled.set()
         error = running.join(60)
