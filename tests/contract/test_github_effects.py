@@ -359,7 +359,9 @@ def test_boundaries_are_shown_at_once_and_progress_at_most_once_an_interval(
     """With the publisher's clock frozen, an interval never passes: there is at most one edit per
     apply task boundary (edits coalesce), however many progress writes a task makes. With a
     short interval, progress within a task is shown as well."""
-    apply_id = pr_apply(db, (0.6, 0.05))
+    # 1.2 s: about 24 progress steps of the sleep engine, so that more than 5 are reported even
+    # when a loaded machine stretches each step (0.6 s gave 4 in a CI run).
+    apply_id = pr_apply(db, (1.2, 0.05))
     lease = run_lease(db, apply_id)
     clock: Callable[[], float] = FakeClock() if interval == "frozen" else time.monotonic
     pub = publisher(db, lease, github, token, comment_interval=0.05, monotonic=clock)
