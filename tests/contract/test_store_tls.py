@@ -202,7 +202,8 @@ def test_a_client_certificate_user_needs_its_certificate(
 
 
 def test_postgresql_ssl_parameters_reach_psycopg() -> None:
-    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install '.[postgres]')")
+    if importlib.util.find_spec("psycopg") is None:  # skipped locally, a failure in CI
+        unavailable("psycopg is not installed (pip install '.[postgres]')")
     ssl = {
         "sslmode": "verify-full",
         "sslrootcert": "/etc/leasehold/ca.pem",
