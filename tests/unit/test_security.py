@@ -44,11 +44,17 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Issued]:
 def start(tmp_path: Path, **values: str) -> subprocess.CompletedProcess[str]:
     """Import the Celery app as a worker does, under ``values`` (LEASEHOLD_* without the
     prefix), and print what signing it set up."""
+    return run(tmp_path, values, "-c", SETUP)
+
+
+def run(tmp_path: Path, values: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
+    """``python ARGV`` in ``tmp_path``, configured by ``values`` (LEASEHOLD_* without the prefix)
+    and nothing of the caller's shell."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LEASEHOLD_", "CELERY_"))}
     env |= {f"LEASEHOLD_{k}": v for k, v in values.items()}
     env |= {"LEASEHOLD_VAR_DIR": str(tmp_path / "var"), "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, "-c", SETUP],
+        [sys.executable, *argv],
         env=env,
         cwd=tmp_path,
         capture_output=True,
@@ -168,18 +174,7 @@ def test_a_wrong_setting_is_one_clear_line(
         "OTHER": certs["client"].cert_pem,
     }
     values = {k: fill.get(v, v) for k, v in values.items()}
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LEASEHOLD_", "CELERY_"))}
-    env |= {f"LEASEHOLD_{k}": v for k, v in values.items()}
-    env |= {"LEASEHOLD_VAR_DIR": str(tmp_path / "var"), "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-m", "tasks.cli", "status"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run(tmp_path, values, "-m", "tasks.cli", "status")
     assert done.returncode == 2, done.stdout + done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     assert done.stderr.startswith("leasehold: configuration: "), done.stderr
