@@ -15,6 +15,16 @@ trip on the same broker, the same worker and the same result backend.
   registered in every worker, with its result through the result backend.
 - reclaim, for context: ``send_task("leasehold.reclaim_stale_applies").get()`` with nothing stale
   (one Celery task and a reclaim pass that finds nothing).
+- two hops, the floor's Celery part: ``celery.accumulate`` linked to a second ``celery.accumulate``
+  (the worker sends the second when the first is done, as ``submit_apply`` sends ``run_apply``),
+  until the second's result is in.
+- store, the floor's other part: the same apply's store work in this process, with no broker
+  between its two halves: ``service.submit`` then ``run_apply`` called in-process (``.apply()``),
+  on the same database and result backend (its progress reports included).
+
+``apply_floor_ratio`` is the median apply over the sum of the medians of two hops and the store
+work: what is left once the two hops and the fenced transactions are paid (the floor the issue
+names); 1.0 would mean leasehold adds nothing else.
 
 One ``celery worker`` (2 apply slots) and no beat, on Redis + MariaDB by default (a
 scratch database, dropped at the end; the Redis database of ``--redis-url``, default 14, is
@@ -40,6 +50,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from leases import Lease
 from storage.database import Database, open_database
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -60,7 +71,7 @@ from bench.failover import (
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
 WARMUP = 3
-KINDS = ("apply", "plain", "reclaim")
+KINDS = ("apply", "plain", "reclaim", "two_hops", "store")
 
 
 class Overhead:
@@ -107,11 +118,44 @@ class Overhead:
 
         return once
 
+    def two_hops(self, record: bool) -> None:
+        second = self.app.signature("celery.accumulate")
+        second_id = second.freeze().id
+        started = time.perf_counter()
+        self.app.send_task("celery.accumulate", args=[1], link=second)
+        result = self.app.AsyncResult(second_id).get(timeout=60, interval=0.005)
+        elapsed = time.perf_counter() - started
+        if result != [[1]]:
+            raise RuntimeError(f"the second hop returned {result!r}, expected [[1]]")
+        if record:
+            self.samples["two_hops"].append(elapsed)
+
+    def store(self, record: bool) -> None:
+        """One apply's store work with no broker between submit and run (see the docstring)."""
+        from tasks import entrypoints, runtime, service
+
+        sent: list[Lease] = []
+        request_id = f"bench-overhead-store-{uuid.uuid4().hex}"
+        payload = sleep_apply(request_id, 0, database="shop-in-process")
+        started = time.perf_counter()
+        apply_id = service.submit(runtime.database(), runtime.settings(), payload, sent.append)
+        (lease,) = sent
+        outcome = entrypoints.run_apply.apply(
+            kwargs={"apply_id": apply_id, "lease": lease.to_json()}
+        ).get(disable_sync_subtasks=False)
+        elapsed = time.perf_counter() - started
+        if outcome["outcome"] != "completed":
+            raise RuntimeError(f"apply {apply_id} in-process ended {outcome!r}")
+        if record:
+            self.samples["store"].append(elapsed)
+
     def iteration(self, i: int, *, record: bool) -> None:
         steps: list[Callable[[bool], None]] = [
             self.apply,
             self._round_trip("plain", "celery.accumulate", [i], [i]),
             self._round_trip("reclaim", "leasehold.reclaim_stale_applies", [], 0),
+            self.two_hops,
+            self.store,
         ]
         if i % 2:
             steps.reverse()
@@ -170,18 +214,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"== {args.stack}: SKIPPED, NOT MEASURED: {exc}")
         print("apply_overhead_ratio=unavailable")
         return 0
-    apply, plain, reclaim = (bench.samples[kind] for kind in KINDS)
+    apply, plain, reclaim, two_hops, store = (bench.samples[kind] for kind in KINDS)
     print(f"== {args.stack}, {time.monotonic() - started:.0f} s in all")
     print(f"apply end to end (client clock): {summary(apply, unit='ms')}")
     print(f"apply end to end (DB clock):     {summary(bench.apply_db, unit='ms')}")
     print(f"plain round trip (no-op task):   {summary(plain, unit='ms')}")
     print(f"reclaim round trip (nothing):    {summary(reclaim, unit='ms')}")
+    print(f"two hops (linked no-op tasks):   {summary(two_hops, unit='ms')}")
+    print(f"store work, in-process:          {summary(store, unit='ms')}")
     ratio = _common.ratio(statistics.median(apply), statistics.median(plain))
     db_ratio = _common.ratio(statistics.median(bench.apply_db), statistics.median(plain))
     reclaim_ratio = _common.ratio(statistics.median(apply), statistics.median(reclaim))
     print(f"median apply / median plain: {ratio:.2f} (DB clock: {db_ratio:.2f})")
     print(f"median apply / median reclaim round trip: {reclaim_ratio:.2f}")
-    print(f"apply_overhead_ratio={ratio:.2f}")
+    floor = statistics.median(two_hops) + statistics.median(store)
+    floor_ratio = _common.ratio(statistics.median(apply), floor)
+    print(
+        f"floor (two hops + store work): {floor * 1000:.1f} ms, "
+        f"{_common.ratio(floor, statistics.median(plain)):.2f} x plain; "
+        f"median apply / floor: {floor_ratio:.2f}"
+    )
+    print(f"apply_overhead_ratio={ratio:.2f} apply_floor_ratio={floor_ratio:.2f}")
     return 0
 
 
