@@ -31,6 +31,8 @@ class LeaseholdConfigError(ValueError):
 
 
 _env = os.environ
+# LEASEHOLD_DATABASE_CONNECTIONS' default: one per apply slot, up to this many (bench/scale.py).
+_DATABASE_CONNECTIONS_CAP = 32
 _var = Path(_env.get("LEASEHOLD_VAR_DIR", "var")).absolute()
 
 
@@ -152,6 +154,17 @@ leasehold_queue = _queue_name("LEASEHOLD_QUEUE", "leasehold")
 leasehold_apply_queue = _queue_name("LEASEHOLD_APPLY_QUEUE", "leasehold.applies")
 leasehold_worker_concurrency = int(_number("LEASEHOLD_WORKER_CONCURRENCY", 4, integer=True))
 leasehold_control_concurrency = int(_number("LEASEHOLD_CONTROL_CONCURRENCY", 4, integer=True))
+# Store connections a worker process's apply slots share (tasks/runtime.py): a run waits for a
+# free one instead of opening more, so that hundreds of slots neither exceed the server's
+# max_connections nor run hundreds of transactions at once on one interpreter lock (issue 13).
+# The heartbeat and the control plane have connections of their own, never waiting behind runs.
+leasehold_database_connections = int(
+    _number(
+        "LEASEHOLD_DATABASE_CONNECTIONS",
+        min(leasehold_worker_concurrency, _DATABASE_CONNECTIONS_CAP),
+        integer=True,
+    )
+)
 
 
 def _shown(name: str, value: float) -> str:
@@ -188,6 +201,7 @@ if leasehold_effect_grace <= leasehold_effect_timeout:
 for _name, _count in (
     ("LEASEHOLD_WORKER_CONCURRENCY", leasehold_worker_concurrency),
     ("LEASEHOLD_CONTROL_CONCURRENCY", leasehold_control_concurrency),
+    ("LEASEHOLD_DATABASE_CONNECTIONS", leasehold_database_connections),
 ):
     if _count < 1:
         raise LeaseholdConfigError(f"{_name} must be at least 1")

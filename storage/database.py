@@ -171,6 +171,8 @@ def open_database(
     *,
     isolation_level: str | None = None,
     pool_size: int = 5,
+    max_connections: int | None = None,
+    pool_timeout: float = 30.0,
     idle_transaction_timeout: float | None = None,
     **engine_kwargs: Any,
 ) -> Database:
@@ -178,6 +180,11 @@ def open_database(
     has no default of its own). MySQL and PostgreSQL get an explicit isolation level (READ
     COMMITTED unless told otherwise); SQLite gets WAL, a busy timeout and write-locking
     transactions.
+
+    ``max_connections`` caps the pool of a MySQL/MariaDB or PostgreSQL store at that many
+    connections (no overflow): a transaction waits up to ``pool_timeout`` seconds for a free one,
+    then fails with ``StorageBusy``. Uncapped, the pool keeps ``pool_size`` and opens up to ten
+    more while they are busy. SQLite runs one write at a time anyway and is never capped.
 
     ``idle_transaction_timeout`` (seconds) makes the server end a session that sits idle inside a
     transaction that long: a worker frozen (SIGSTOP, a long GC pause) inside a fence would
@@ -201,6 +208,11 @@ def open_database(
     level = (isolation_level or "READ COMMITTED").upper()
     if level not in ISOLATION_LEVELS:
         raise ConfigurationError(f"unsupported isolation level {isolation_level!r}")
+    if max_connections is not None:
+        if max_connections < 1:
+            raise ConfigurationError(f"a pool needs at least 1 connection, not {max_connections}")
+        pool_size, engine_kwargs["max_overflow"] = max_connections, 0
+    engine_kwargs["pool_timeout"] = pool_timeout
     connect_args = dict(engine_kwargs.pop("connect_args", {}))
     if backend == "postgresql":
         return _postgresql_database(
@@ -343,6 +355,10 @@ def translate_errors() -> Iterator[None]:
         yield
     except sa_exc.DBAPIError as exc:
         raise classify(exc) from exc
+    except sa_exc.TimeoutError as exc:
+        # Every connection of a capped pool stayed in use (open_database's max_connections):
+        # nothing was run, so the caller may simply try again, as after a lock wait.
+        raise StorageBusy(f"database busy: no free connection: {exc}") from exc
     except sa_exc.SQLAlchemyError as exc:
         raise StorageError(f"database error: {exc}") from exc
 

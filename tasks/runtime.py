@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _db: Database | None = None
+_runs_db: Database | None = None
+# How long a run's transaction waits for one of the apply slots' connections before it fails
+# (StorageBusy, retried): each is held for one short transaction, never across a DDL.
+RUNS_POOL_TIMEOUT = 30.0
 _settings: Settings | None = None
 _runs: dict[str, Interrupts] = {}
 _heartbeats: Heartbeats | None = None
@@ -39,27 +43,52 @@ def settings() -> Settings:
 
 
 def database() -> Database:
+    """The store of everything but the runs and the heartbeat: the control plane, reclaim,
+    dispatches owed, the CLI. Its connections never wait behind the apply slots'
+    (:func:`runs_database`), so that a stop or a reclaim pass goes through on a fleet whose slots
+    are all busy."""
     global _db
     current = settings()
     with _lock:
         if _db is None:
             _db = open_database(
                 current.database_url,
-                pool_size=max(10, current.database_connections),
+                pool_size=current.control_connections,
                 idle_transaction_timeout=current.stale_after,
             )
         return _db
 
 
-def heartbeats() -> Heartbeats:
-    """This process's heartbeat: one thread renews every lease its apply slots hold."""
-    global _heartbeats
-    db = database()
+def runs_database() -> Database:
+    """The store of the apply slots: ``LEASEHOLD_DATABASE_CONNECTIONS`` connections, no more;
+    a run's fenced write waits for a free one (``RUNS_POOL_TIMEOUT``, then ``StorageBusy``,
+    retried by the runner). A waiting run holds no lock, and a process never runs more
+    transactions at once than its store connections, whatever its number of slots."""
+    global _runs_db
     current = settings()
     with _lock:
-        if _heartbeats is None or _heartbeats.db is not db:
-            if _heartbeats is not None:
-                _heartbeats.stop()
+        if _runs_db is None:
+            _runs_db = open_database(
+                current.database_url,
+                max_connections=current.database_connections,
+                pool_timeout=RUNS_POOL_TIMEOUT,
+                idle_transaction_timeout=current.stale_after,
+            )
+        return _runs_db
+
+
+def heartbeats() -> Heartbeats:
+    """This process's heartbeat: one thread renews every lease its apply slots hold, on a store
+    connection of its own, so that no run, control task or dispatch ever makes it wait."""
+    global _heartbeats
+    current = settings()
+    with _lock:
+        if _heartbeats is None:
+            db = open_database(
+                current.database_url,
+                max_connections=1,
+                idle_transaction_timeout=current.stale_after,
+            )
             _heartbeats = Heartbeats(
                 db, interval=current.heartbeat_interval, stale_after=current.stale_after
             )
@@ -69,13 +98,15 @@ def heartbeats() -> Heartbeats:
 
 def reset() -> None:
     """Forget the cached settings and database (after ``app.conf`` changed, e.g. in tests)."""
-    global _db, _settings, _shutting_down, _heartbeats
+    global _db, _runs_db, _settings, _shutting_down, _heartbeats
     with _lock:
         if _heartbeats is not None:
             _heartbeats.stop()
-        if _db is not None:
-            _db.dispose()
-        _db, _settings, _shutting_down, _heartbeats = None, None, False, None
+            _heartbeats.db.dispose()
+        for db in (_db, _runs_db):
+            if db is not None:
+                db.dispose()
+        _db, _runs_db, _settings, _shutting_down, _heartbeats = None, None, None, False, None
 
 
 def shutting_down() -> bool:
@@ -106,11 +137,13 @@ def hand_back_all() -> int:
 
 
 def _reset_after_fork(**_: Any) -> None:
-    global _db, _heartbeats
+    global _db, _runs_db, _heartbeats
     with _lock:
-        if _db is not None:
-            _db.engine.dispose(close=False)  # the parent's connections stay the parent's
-        _db = None
+        beats = None if _heartbeats is None else _heartbeats.db
+        for db in (_db, _runs_db, beats):
+            if db is not None:
+                db.engine.dispose(close=False)  # the parent's connections stay the parent's
+        _db, _runs_db = None, None
         _heartbeats = None  # its threads were the parent's: a child starts its own
 
 

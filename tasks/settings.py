@@ -24,6 +24,8 @@ class Settings:
     target_retry: float
     apply_slots: int
     control_concurrency: int
+    # Store connections the apply slots of one worker process share (its runs wait for one).
+    database_connections: int
     github_api_url: str
     targets: dict[str, str] = field(repr=False)
     github_token: str | None = field(repr=False)
@@ -47,6 +49,7 @@ class Settings:
             target_retry=float(conf.leasehold_target_retry),
             apply_slots=int(conf.leasehold_worker_concurrency),
             control_concurrency=int(conf.leasehold_control_concurrency),
+            database_connections=int(conf.leasehold_database_connections),
             github_api_url=str(conf.leasehold_github_api_url),
             targets=dict(conf.leasehold_targets),
             github_token=conf.leasehold_github_token,
@@ -56,10 +59,10 @@ class Settings:
         )
 
     @property
-    def database_connections(self) -> int:
-        """Connections a worker may use at once: a running apply's runner and heartbeat thread
-        each, one per control thread, and one to spare (beat, the CLI)."""
-        return 2 * self.apply_slots + self.control_concurrency + 1
+    def control_connections(self) -> int:
+        """The pool of the control plane (tasks/runtime.py ``database``): one per control
+        thread and one to spare (beat, the CLI); more are opened while they are all busy."""
+        return self.control_concurrency + 1
 
     @property
     def reclaim_policy(self) -> ReclaimPolicy:
