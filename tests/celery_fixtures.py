@@ -178,7 +178,7 @@ _SWITCHED = (
 )
 
 
-def _forget_connections(app: Any) -> None:
+def forget_connections(app: Any) -> None:
     """Drop the app's cached broker pool and result backend so that the next use reads the
     (changed) configuration. Celery caches both on first use."""
     app._pool = None
@@ -216,7 +216,7 @@ def inprocess_worker(
     }
     saved = {key: app.conf.get(key) for key in changes}
     runtime.reset()
-    _forget_connections(app)
+    forget_connections(app)
     app.conf.update(changes)
     try:
         with start_worker(
@@ -230,4 +230,4 @@ def inprocess_worker(
     finally:
         runtime.reset()
         app.conf.update(saved)
-        _forget_connections(app)
+        forget_connections(app)

@@ -1,6 +1,7 @@
-"""``leasehold audit [--apply ID] [--json]`` as an operator runs it: a subprocess on a temporary
-SQLite store. Clean: exit 0 and one summary line. Violations: exit 1 and one line each (or a JSON
-list). An audit that cannot run (an unknown apply): one error line and exit 2."""
+"""``leasehold audit [--apply ID] [--json]`` as an operator runs it (the console script's entry
+point, in this process: ``tests/cli_runner.py``) on a temporary SQLite store. Clean: exit 0 and
+one summary line. Violations: exit 1 and one line each (or a JSON list). An audit that cannot
+run (an unknown apply): one error line and exit 2."""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""The ``leasehold`` console script, run as a user runs it: a subprocess with
-LEASEHOLD_DATABASE_URL in its environment."""
+"""The ``leasehold`` console script, run as a user runs it, with LEASEHOLD_DATABASE_URL in its
+environment: its entry point ``tasks.cli:main`` in this process under that environment alone
+(``tests.contract.test_cli_commands.run_cli``: a subprocess per command cost a second each), and
+the installed script in a subprocess where only a process of its own shows it: a reader that goes
+away (``leasehold logs 7 | head``)."""
 
 from __future__ import annotations
 
@@ -16,26 +19,18 @@ from storage.database import Database
 from storage.migrate import head_revision
 from tasks import service
 from tests import support
+from tests.cli_runner import Ran, run_cli
 from tests.support import hand_back
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMAND = support.LEASEHOLD
 
 
-def leasehold(*args: str, url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = support.environment(cwd, LEASEHOLD_DATABASE_URL=url)
-    return subprocess.run(
-        [*COMMAND, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+def leasehold(*args: str, url: str, cwd: Path) -> Ran:
+    return run_cli(args, support.environment(cwd, LEASEHOLD_DATABASE_URL=url), cwd)
 
 
-def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+def one_error_line(result: Ran) -> str:
     assert result.returncode == 1, (result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

@@ -1,7 +1,13 @@
 """The ``leasehold`` commands that drive applies (submit, status ID, logs, stop, resume, cancel,
-retry),
-run as a user runs them: subprocesses on a temporary SQLite database and the embedded
-``filesystem://`` broker, with no worker. Errors are one clear line and a non-zero exit."""
+retry), run as a user runs them, on a temporary SQLite database and the embedded ``filesystem://``
+broker, with no worker. Errors are one clear line and a non-zero exit.
+
+Each command runs in this process (:func:`run_cli`): the console script's entry point,
+``tasks.cli:main``, with its argv, under exactly the environment a user's shell would give it,
+``celeryconfig`` evaluated afresh under that environment, stdout and stderr captured. A subprocess
+per command cost a second of interpreter start and imports each; what a separate process alone can
+show (the installed console script, a configuration error at start-up) keeps one here
+(``test_the_console_script_reads_its_configuration_at_start``) and in ``test_cli.py``."""
 
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from storage.migrate import upgrade
 from storage.states import ApplyState, TaskState
 from tests import support
 from tests.celery_fixtures import REPO, task_rows
+from tests.cli_runner import Ran, run_cli
 
 _SCRIPT = Path(sys.executable).parent / "leasehold"
 COMMAND = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "tasks.cli"]
@@ -57,7 +64,12 @@ class Home:
         env.update(extra)
         return env
 
-    def run(self, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, **extra: str) -> Ran:
+        """``leasehold ARGS`` (in this process: :func:`run_cli`), ``extra`` in its environment."""
+        return run_cli(args, self.env(**extra), self.path)
+
+    def subprocess(self, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        """``leasehold ARGS`` as a process of its own: the installed console script."""
         return subprocess.run(
             [*COMMAND, *args],
             cwd=self.path,
@@ -88,7 +100,7 @@ def home(tmp_path: Path) -> Iterator[Home]:
     db.dispose()
 
 
-def one_error_line(done: subprocess.CompletedProcess[str], code: int = 1) -> str:
+def one_error_line(done: Ran | subprocess.CompletedProcess[str], code: int = 1) -> str:
     assert done.returncode == code, (done.stdout, done.stderr)
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
@@ -354,8 +366,10 @@ def test_an_id_that_is_not_a_number_is_a_usage_error(home: Home) -> None:
     assert "invalid int value: 'abc'" in done.stderr
 
 
-def test_bad_configuration_is_one_clear_line(home: Home) -> None:
-    done = home.run("status", LEASEHOLD_STALE_AFTER="soon")
+def test_the_console_script_reads_its_configuration_at_start(home: Home) -> None:
+    """The installed ``leasehold`` in a process of its own: celeryconfig is read as it starts,
+    and a bad setting is one clear line and exit 2."""
+    done = home.subprocess("status", LEASEHOLD_STALE_AFTER="soon")
     line = one_error_line(done, code=2)
     assert (
         line == "leasehold: configuration: LEASEHOLD_STALE_AFTER='soon' is not a number of seconds"

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -35,6 +37,7 @@ from tasks.testing.processes import CeleryProcess
 from tasks.testing.standin import GitHubStandIn
 from tests.certs import Issued, self_signed, signing_as
 from tests.e2e.helpers import (
+    PROCESS_START_TIMEOUT,
     RESULT_TIMEOUT,
     Cluster,
     EventRecorder,
@@ -181,18 +184,67 @@ def refusals(proc: CeleryProcess) -> list[str]:
     return [line for line in proc.log().splitlines() if REFUSED in line]
 
 
-def signed_worker(cluster: Cluster, secured: Secured) -> CeleryProcess:
-    return cluster.workers(1, env=secured.env)[0]
+@pytest.fixture(scope="module")
+def _signed_workers() -> list[CeleryProcess]:
+    return []
+
+
+@pytest.fixture
+def signed_worker(
+    _signed_workers: list[CeleryProcess], secured: Secured, cluster: Cluster
+) -> CeleryProcess:
+    """The module's signed worker: started by the first test that needs it and kept for the
+    others (one start instead of one per test), replaced if a test left it dead. It is one of
+    the cluster's shared processes: stopped after the module, its log attached to a failing
+    test's report from where that test began."""
+    alive = [p for p in _signed_workers if p.proc is not None and p.proc.poll() is None]
+    if alive:
+        return alive[0]
+    (proc,) = cluster.workers(1, env=secured.env)
+    cluster.own.remove(proc)
+    cluster.shared.append(proc)
+    _signed_workers.append(proc)
+    return proc
+
+
+def cli_outputs(stack: Stack, env: dict[str, str], *commands: tuple[str, ...]) -> list[str]:
+    """``leasehold COMMAND`` for each of ``commands``, run at the same time (each a process of
+    its own, configured by ``env``); the stdout and stderr of each, in order."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tasks.cli", *args],
+            env=env,
+            cwd=stack.folder,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in commands
+    ]
+    outputs = []
+    for args, proc in zip(commands, procs, strict=True):
+        try:
+            out, err = proc.communicate(timeout=PROCESS_START_TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert "Traceback" not in err, (args, err)
+        outputs.append(out + err)
+    return outputs
 
 
 # --- signed clients are served -------------------------------------------------------------------
 
 
 def test_a_signed_client_is_served_and_on_record(
-    cluster: Cluster, keys: Keys, secured: Secured, github: tuple[GitHubStandIn, str]
+    cluster: Cluster,
+    keys: Keys,
+    secured: Secured,
+    github: tuple[GitHubStandIn, str],
+    signed_worker: CeleryProcess,
 ) -> None:
     stack = cluster.stack
-    signed_worker(cluster, secured)
     payload = sleep_payload(0.2) | {
         "repository": REPOSITORY,
         "pull_request": 7,
@@ -240,11 +292,12 @@ def _comment(standin: GitHubStandIn, number: int) -> str:
     return "\n".join(bodies)
 
 
-def test_beat_signs_its_reclaim_passes(cluster: Cluster, secured: Secured) -> None:
+def test_beat_signs_its_reclaim_passes(
+    cluster: Cluster, secured: Secured, signed_worker: CeleryProcess
+) -> None:
     """A queued apply nobody sent is dispatched by a reclaim pass: beat's signed message taken
     by a signed worker, which sends a signed run_apply to itself."""
     stack = cluster.stack
-    signed_worker(cluster, secured)
     apply_id = new_apply(stack.db, 0.1)
     cluster.beats(1, env=secured.env)
     wait_state(stack.db, apply_id, "completed", timeout=RESULT_TIMEOUT)
@@ -255,12 +308,17 @@ def test_beat_signs_its_reclaim_passes(cluster: Cluster, secured: Secured) -> No
 
 @pytest.mark.parametrize("sender", ["unsigned", "foreign"])
 def test_unsigned_and_foreign_messages_are_refused_with_nothing_written(
-    cluster: Cluster, keys: Keys, secured: Secured, sender: str
+    cluster: Cluster, keys: Keys, secured: Secured, sender: str, signed_worker: CeleryProcess
 ) -> None:
     stack, db = cluster.stack, cluster.stack.db
     issued = None if sender == "unsigned" else keys.rogue
     reason = "unsigned" if sender == "unsigned" else "outside LEASEHOLD_SECURITY_CERT_STORE"
-    worker = signed_worker(cluster, secured)
+    worker = signed_worker
+    earlier = len(refusals(worker))  # the module's worker: refusals of this test only
+
+    def refused() -> list[str]:
+        return refusals(worker)[earlier:]
+
     running = int(
         send(stack, keys.client, SUBMIT, sleep_payload(30)).get(timeout=RESULT_TIMEOUT)["apply_id"]
     )
@@ -292,7 +350,7 @@ def test_unsigned_and_foreign_messages_are_refused_with_nothing_written(
         "dispatched",
         lease.epoch,
     )
-    lines = refusals(worker)
+    lines = refused()
     assert len(lines) == 3, lines
     assert all(reason in line for line in lines), lines
     assert worker.proc is not None
@@ -301,8 +359,8 @@ def test_unsigned_and_foreign_messages_are_refused_with_nothing_written(
     # Broadcasts (Celery's remote control) are signed too: a shutdown is not obeyed. A signed
     # doctor's inspection sent after it is answered, so the shutdown was taken and refused first.
     broadcast(stack, issued, "shutdown")
-    wait_for("the broadcast's refusal", lambda: len(refusals(worker)) == 4, timeout=RESULT_TIMEOUT)
-    assert reason in refusals(worker)[-1]
+    wait_for("the broadcast's refusal", lambda: len(refused()) == 4, timeout=RESULT_TIMEOUT)
+    assert reason in refused()[-1]
     doctor = dataclasses.replace(stack, env=stack.env | secured.env).cli("doctor", check=False)
     assert re.search(rf"^ok\s+workers\s+queue 'leasehold' .*{worker.name}@", doctor.stdout, re.M), (
         doctor.stdout
@@ -328,11 +386,17 @@ def test_unsigned_and_foreign_messages_are_refused_with_nothing_written(
 
 
 def test_no_secret_in_any_log_output_or_task_event(
-    cluster: Cluster, keys: Keys, secured: Secured, github: tuple[GitHubStandIn, str]
+    cluster: Cluster,
+    keys: Keys,
+    secured: Secured,
+    github: tuple[GitHubStandIn, str],
+    signed_worker: CeleryProcess,
 ) -> None:
     stack, db = cluster.stack, cluster.stack.db
-    worker = signed_worker(cluster, secured)
-    cluster.beats(1, env=secured.env)
+    worker = signed_worker
+    earlier = len(refusals(worker))  # the module's worker: earlier tests' refusals are in its log
+    # Beat starts while the apply runs; its first signed pass is awaited before its log is read.
+    (beat,) = cluster.beats(1, env=secured.env, wait=False)
     tokens: set[str] = set()
     sampling = threading.Event()
 
@@ -365,11 +429,20 @@ def test_no_secret_in_any_log_output_or_task_event(
     sampler.join(5)
     assert tokens, "no lease token was seen"
     # The CLI as an operator runs it, configured like the workers (with every secret).
-    cli_env = stack.env | secured.env
-    for args in (("status",), ("status", str(apply_id)), ("logs", str(apply_id)), ("doctor",)):
-        done = dataclasses.replace(stack, env=cli_env).cli(*args, check=False)
-        outputs.append(done.stdout + done.stderr)
-    wait_log(worker, REFUSED)
+    outputs += cli_outputs(
+        stack,
+        stack.env | secured.env,
+        ("status",),
+        ("status", str(apply_id)),
+        ("logs", str(apply_id)),
+        ("doctor",),
+    )
+    wait_log(beat, "Sending due task reclaim-stale-applies")
+    wait_for(
+        "this test's refusal in the worker's log",
+        lambda: len(refusals(worker)) > earlier,
+        timeout=RESULT_TIMEOUT,
+    )
 
     secrets = dict(secured.secrets) | {f"lease token {t[:6]}": t for t in tokens}
     places = {str(p): p.read_text(errors="replace") for p in _logs(stack.folder)}
