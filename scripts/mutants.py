@@ -1,13 +1,14 @@
 """A mutation gate for the safety core: deliberately broken copies of the lease statements, each
 run against the contract tests that must catch it.
 
-Every mutant is a small textual patch (exact old -> new strings) to storage/_statements.py,
-storage/_leasing.py or storage/fenced.py: a condition of the fence, of redemption, of the heartbeat
-or of a rotation removed, a lock dropped, a transaction split in two. Each is applied to a scratch
-copy of the tree (never to this one), and the contract tests listed for it run there with ``-x``,
-on SQLite and MariaDB/MySQL alike (the contract fixtures run both, and fail under CI when MariaDB
-is missing). A mutant is KILLED when a test fails; one that SURVIVES, a run that errors (a test id
-that no longer exists, say), or a patch that no longer applies fails the gate.
+Every mutant is a small textual patch (exact old -> new strings) to a module of
+storage/_statements/ (the lease row, the effect window, owned writes, lines), to
+storage/_leasing.py or to storage/fenced.py: a condition of the fence, of redemption, of the
+heartbeat or of a rotation removed, a lock dropped, a transaction split in two. Each is applied to
+a scratch copy of the tree (never to this one), and the contract tests listed for it run there with
+``-x``, on SQLite and MariaDB/MySQL alike (the contract fixtures run both, and fail under CI when
+MariaDB is missing). A mutant is KILLED when a test fails; one that SURVIVES, a run that errors (a
+test id that no longer exists, say), or a patch that no longer applies fails the gate.
 
     .venv/bin/python scripts/mutants.py            # every mutant (make mutants)
     .venv/bin/python scripts/mutants.py --list     # what each one breaks and its tests
@@ -40,7 +41,11 @@ IGNORED = (
 )
 RESULT_TAIL = 40  # lines of a run's output shown when a run goes wrong
 
-STATEMENTS = "storage/_statements.py"
+# The modules of storage/_statements/ that the mutants patch.
+STATEMENTS_LEASE = "storage/_statements/lease.py"
+STATEMENTS_EFFECTS = "storage/_statements/effects.py"
+STATEMENTS_OWNED = "storage/_statements/owned.py"
+STATEMENTS_LINES = "storage/_statements/lines.py"
 LEASING = "storage/_leasing.py"
 FENCED = "storage/fenced.py"
 
@@ -143,7 +148,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "the fence's SELECT loses FOR UPDATE: it proves the token and locks nothing (MySQL)",
         [CHECK_THEN_WRITE, f"{RACES}::test_fenced_write_in_flight_makes_hand_back_wait"],
         (
-            STATEMENTS,
+            STATEMENTS_LEASE,
             FENCE_WHERE + "    )\n\n\ndef lock_apply(",
             without(FENCE_WHERE, ".with_for_update()") + "    )\n\n\ndef lock_apply(",
         ),
@@ -153,7 +158,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "the fence's SELECT loses `lease_token = ?`: its epoch check alone admits another token of "
         "the current epoch",
         [SAME_EPOCH_RACE, SAME_EPOCH, MODEL],
-        (STATEMENTS, FENCE_WHERE, without(FENCE_WHERE, "applies.c.lease_token == token,")),
+        (STATEMENTS_LEASE, FENCE_WHERE, without(FENCE_WHERE, "applies.c.lease_token == token,")),
     ),
     mutant(
         "fence-without-running-state",
@@ -161,7 +166,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "ended) apply is admitted",
         [f"{OWNED}::test_write_fails_closed_on_a_dispatched_lease_nobody_redeemed"],
         (
-            STATEMENTS,
+            STATEMENTS_LEASE,
             FENCE_WHERE,
             without(FENCE_WHERE, "applies.c.state == ApplyState.RUNNING,"),
         ),
@@ -180,7 +185,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "redeemed again",
         [f"{SHAPES}::test_redeem_refuses_a_dispatched_lease_that_already_has_an_owner"],
         (
-            STATEMENTS,
+            STATEMENTS_LEASE,
             "            applies.c.lease_token == token,\n"
             "            applies.c.lease_owner.is_(None),\n"
             "            applies.c.state == ApplyState.DISPATCHED,\n"
@@ -200,7 +205,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "token) is redeemed",
         [f"{LIFECYCLE}::test_redeem_of_a_lease_never_issued"],
         (
-            STATEMENTS,
+            STATEMENTS_LEASE,
             "            applies.c.lease_token == token,\n"
             "            applies.c.lease_owner.is_(None),\n",
             "            applies.c.lease_owner.is_(None),\n",
@@ -211,20 +216,28 @@ MUTANTS: tuple[Mutant, ...] = (
         "heartbeat-without-token",
         "the heartbeat loses `lease_token = ?`: another token of the current epoch renews it",
         [HEARTBEAT_NEVER_ISSUED, SAME_EPOCH],
-        (STATEMENTS, HEARTBEAT_WHERE, without(HEARTBEAT_WHERE, "applies.c.lease_token == token,")),
+        (
+            STATEMENTS_LEASE,
+            HEARTBEAT_WHERE,
+            without(HEARTBEAT_WHERE, "applies.c.lease_token == token,"),
+        ),
     ),
     mutant(
         "heartbeat-without-epoch",
         "the heartbeat loses `lease_epoch = ?`: the current token with another epoch renews it",
         [HEARTBEAT_NEVER_ISSUED],
-        (STATEMENTS, HEARTBEAT_WHERE, without(HEARTBEAT_WHERE, "applies.c.lease_epoch == epoch,")),
+        (
+            STATEMENTS_LEASE,
+            HEARTBEAT_WHERE,
+            without(HEARTBEAT_WHERE, "applies.c.lease_epoch == epoch,"),
+        ),
     ),
     mutant(
         "heartbeat-without-running-state",
         "the heartbeat loses `state = 'running'`: a lease nobody redeemed renews it",
         [f"{LIFECYCLE}::test_heartbeat_of_a_dispatched_lease_is_lease_lost"],
         (
-            STATEMENTS,
+            STATEMENTS_LEASE,
             HEARTBEAT_WHERE,
             without(HEARTBEAT_WHERE, "applies.c.state == ApplyState.RUNNING,"),
         ),
@@ -236,7 +249,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "rotation in flight is about to change",
         [BATCH_RECLAIMED],
         (
-            STATEMENTS,
+            STATEMENTS_LEASE,
             BATCH_LOCK,
             BATCH_LOCK.replace("        .with_for_update(skip_locked=True)\n", ""),
         ),
@@ -265,7 +278,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "row holds by then",
         [f"{SHAPES}::test_a_rotation_from_a_row_read_before_another_rotation_matches_nothing"],
         (
-            STATEMENTS,
+            STATEMENTS_LEASE,
             "            applies.c.lease_epoch == old_epoch,\n            token_matches,\n",
             "",
         ),
@@ -274,13 +287,13 @@ MUTANTS: tuple[Mutant, ...] = (
         "rotate-without-token",
         "a rotation compares the epoch only: another token of the same epoch rotates the lease",
         [SAME_EPOCH],
-        (STATEMENTS, "            token_matches,\n", ""),
+        (STATEMENTS_LEASE, "            token_matches,\n", ""),
     ),
     mutant(
         "rotate-keeps-the-owner",
         "a rotation leaves `lease_owner` set, so that the new lease can never be redeemed",
         [f"{LIFECYCLE}::test_redeem_of_a_stale_lease"],
-        (STATEMENTS, '        "lease_owner": None,\n', ""),
+        (STATEMENTS_LEASE, '        "lease_owner": None,\n', ""),
     ),
     mutant(
         "terminal-rotation-leaves-requests-pending",
@@ -302,7 +315,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "rewritten as failed",
         [f"{LINES_TESTS}::test_a_cancel_completes_and_fails_the_stop_still_pending"],
         (
-            STATEMENTS,
+            STATEMENTS_OWNED,
             "        .where(control_requests.c.apply_id == apply_id, control_requests.c.state"
             ' == "pending")\n'
             '        .values(state="failed", error=reason, completed_at=clock.now())\n',
@@ -324,14 +337,14 @@ MUTANTS: tuple[Mutant, ...] = (
         "reclaim-waits-for-locked-rows",
         "reclaim's candidate scan loses SKIP LOCKED: a pass waits for every fenced row (MySQL)",
         [f"{RACES}::test_reclaim_skips_a_fenced_write_in_flight_and_rotates_after_it"],
-        (STATEMENTS, RECLAIM_SKIP, RECLAIM_SKIP.replace("(skip_locked=True)", "()")),
+        (STATEMENTS_LEASE, RECLAIM_SKIP, RECLAIM_SKIP.replace("(skip_locked=True)", "()")),
     ),
     mutant(
         "reclaim-fresh-heartbeats",
         "reclaim's candidate scan loses its staleness condition: live applies are reclaimed",
         [f"{CONTRACT}/test_reclaim.py::test_running_heartbeat_just_inside_stale_after_is_kept"],
         (
-            STATEMENTS,
+            STATEMENTS_LEASE,
             '            applies.c.heartbeat_at < clock.now_minus(bindparam("older_than",'
             " older_than)),\n",
             "",
@@ -344,7 +357,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "longer wait for each other (MySQL)",
         [f"{LINE_RACES}::test_two_submits_wait_for_the_line_and_one_takes_the_turn"],
         (
-            STATEMENTS,
+            STATEMENTS_LINES,
             "    return select(apply_lines.c.database_name).where(*where).with_for_update()\n",
             "    return select(apply_lines.c.database_name).where(*where)\n",
         ),
@@ -356,7 +369,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "and both take the turn",
         [f"{LINE_RACES}::test_two_submits_wait_for_the_line_and_one_takes_the_turn"],
         (
-            STATEMENTS,
+            STATEMENTS_LINES,
             '    if dialect == "postgresql":\n        return (\n            apply_lines',
             "    if False:\n        return (\n            apply_lines",
         ),
@@ -383,7 +396,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "the effect window opens for any holder of the epoch, current token or not",
         [f"{EFFECTS}::test_only_the_current_lease_opens_a_window"],
         (
-            STATEMENTS,
+            STATEMENTS_EFFECTS,
             "            applies.c.lease_token == token,\n"
             "            applies.c.effect_until.is_(None)\n",
             "            applies.c.effect_until.is_(None)\n",
@@ -394,7 +407,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "a later epoch opens its window while an earlier epoch's call may still be in flight",
         [f"{EFFECTS}::test_a_later_epoch_waits_for_an_open_window_told_how_long"],
         (
-            STATEMENTS,
+            STATEMENTS_EFFECTS,
             "            applies.c.effect_until.is_(None)\n"
             "            | (applies.c.effect_epoch == epoch)\n"
             "            | (applies.c.effect_until <= clock.now()),\n",
@@ -406,7 +419,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "closing an epoch's window closes whichever window is open, a later epoch's too",
         [f"{EFFECTS}::test_a_later_epoch_waits_for_an_open_window_told_how_long"],
         (
-            STATEMENTS,
+            STATEMENTS_EFFECTS,
             "        .where(applies.c.id == apply_id, applies.c.effect_epoch == epoch)\n",
             "        .where(applies.c.id == apply_id)\n",
         ),
@@ -416,7 +429,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "an effect's answer is recorded for whoever names the apply, lease moved on or not",
         [f"{EFFECTS}::test_a_lease_that_moved_on_records_nothing"],
         (
-            STATEMENTS,
+            STATEMENTS_EFFECTS,
             "        .where(applies.c.id == apply_id, applies.c.lease_token == token)\n"
             "        .with_for_update()\n",
             "        .where(applies.c.id == apply_id)\n        .with_for_update()\n",
@@ -465,11 +478,13 @@ def environment(tree: Path) -> dict[str, str]:
 def check_isolation(python: str, tree: Path) -> None:
     """The copy's modules, not this tree's (the virtualenv has an editable install of it), must
     be the ones imported."""
+    # Every module a mutant patches (storage/_statements/'s among them), and the packages around.
+    patched = {p.path.removesuffix(".py").replace("/", ".") for m in MUTANTS for p in m.patches}
+    around = {"celeryconfig", "leases", "storage._statements", "storage._lines", "tasks"}
+    modules = sorted({*around, "tests.support", *patched})
     probe = (
-        "import celeryconfig, leases, storage._statements, storage._leasing, storage._lines, "
-        "storage.fenced, tasks, tests.support as t; "
-        "print('\\n'.join(m.__file__ for m in (celeryconfig, leases, storage._statements, "
-        "storage._leasing, storage._lines, storage.fenced, tasks, t)))"
+        "import importlib; "
+        f"print('\\n'.join(importlib.import_module(m).__file__ for m in {modules!r}))"
     )
     done = subprocess.run(
         [python, "-c", probe],
