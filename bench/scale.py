@@ -16,9 +16,11 @@ through the same ``LEASEHOLD_*`` variables (printed at the start): heartbeat eve
 ``stale_after`` 5 s, a reclaim pass every 1 s. Per N a fresh cluster: one beat and ``--workers``
 (default 2) worker processes with ``ceil(N / workers) + 4`` apply slots each, so that every apply
 has a slot at once and the processes' threads and memory are those of N, not of a larger N before.
-A worker's database pool is what leasehold gives it (``Settings.database_connections``: two per
-apply slot plus the control threads, at least 10): pooled connections open only when used at
-once, so the peak number of store sessions is measured and printed, not set.
+A worker's store connections are what leasehold gives it: its apply slots share
+``LEASEHOLD_DATABASE_CONNECTIONS`` (default one per slot, at most 32; ``--database-connections``
+sets it), its heartbeat has one of its own and its control plane a pool of its own. Pooled
+connections open only when used at once, so the peak number of store sessions is measured and
+printed, not set.
 
 One run of N:
 
@@ -163,6 +165,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "exhausted from N=200 on)",
     )
     parser.add_argument("--max-connections", type=int, default=2500, help="private servers")
+    parser.add_argument(
+        "--database-connections",
+        type=int,
+        help="LEASEHOLD_DATABASE_CONNECTIONS of every worker (default: leasehold's)",
+    )
     parser.add_argument("--logs", type=Path, help="a folder to keep the celery processes' logs in")
     parser.add_argument(
         "--postgres-url", default=_stores.postgres_server_url(), help="server URL (maintenance db)"
@@ -183,6 +190,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     intervals = intervals_of(args, INTERVALS)
+    if args.database_connections is not None:
+        intervals["LEASEHOLD_DATABASE_CONNECTIONS"] = str(args.database_connections)
     interval = float(intervals["LEASEHOLD_HEARTBEAT_INTERVAL"])
     print(
         "intervals (environment of every process): "
