@@ -113,9 +113,7 @@ def rotate(
         conn.execute(statements.fail_pending_control_requests(row.apply_id, apply_state=to_state))
         conn.execute(statements.notification_due(row.apply_id))
     if ApplyState(to_state).terminal or to_state == ApplyState.STOPPED:
-        owed = statements.publication_due(row.apply_id)
-        if conn.execute(owed.update).rowcount == 0:
-            conn.execute(owed.insert)  # race-free: the rotation holds the apply row
+        conn.execute(statements.publication_due(row.apply_id, dialect=conn.dialect.name))
     level = "error" if to_state == "failed" else "info"
     append_log(
         conn,

@@ -171,11 +171,26 @@ def start_task(fx: Fenced, task_id: int) -> None:
         raise RowNotFound(f"apply {fx.apply_id} has no apply task {task_id}")
 
 
-def finish_task(fx: Fenced, task_id: int, state: TaskState, *, error: str | None = None) -> None:
-    """End an apply task: completed (progress 100), failed or cancelled, at the DB's time."""
+def finish_task(
+    fx: Fenced,
+    task_id: int,
+    state: TaskState,
+    *,
+    error: str | None = None,
+    checkpoint: Mapping[str, Any] | None = None,
+) -> None:
+    """End an apply task: completed (progress 100), failed or cancelled, at the DB's time; with
+    its last ``checkpoint`` in the same statement, if one is still to be written."""
+    if checkpoint is not None:
+        _check_json("checkpoint", checkpoint)
     result = fx._connection().execute(
         statements.finish_task(
-            fx.apply_id, task_id, epoch=fx.epoch, state=TaskState(state), error=error
+            fx.apply_id,
+            task_id,
+            epoch=fx.epoch,
+            state=TaskState(state),
+            error=error,
+            checkpoint=checkpoint,
         )
     )
     if result.rowcount != 1:

@@ -208,7 +208,11 @@ class Heartbeats:
             if lost is not None:
                 if not self._holds(h):
                     continue  # its run ended (its last write ends the lease) during this beat
-                log.warning("heartbeat: %s; stopping its run", lost)
+                # A run rotating its lease away itself (a mass cancel: hundreds at once) is no
+                # news for an operator: the run says how it ended, or that it found the lease
+                # lost. It is interrupted alike, so nothing else changes.
+                level = logging.INFO if h.interrupts.ending else logging.WARNING
+                log.log(level, "heartbeat: %s; stopping its run", lost)
                 h.interrupts.lease_lost(lost)
             elif apply_id in renewal.renewed:
                 h.last_ok = max(h.last_ok, sent)

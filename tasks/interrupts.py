@@ -42,6 +42,9 @@ class Interrupts:
         self.reason: Reason | None = None
         self.request_id: int | None = None
         self.lost: LeaseLost | None = None
+        # Set by the runner just before the transaction that rotates its own lease away (stop,
+        # hand back, end): a loss the heartbeat then sees is as a rule that very rotation.
+        self.ending = False
 
     def interrupt(
         self, reason: Reason, *, request_id: int | None = None, lost: LeaseLost | None = None

@@ -42,6 +42,19 @@ class Reporter(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class _Done:
+    """An apply task's completion, to be written: its log event and line, its place in the
+    apply, and its 100 % checkpoint if that is still unwritten."""
+
+    spec: TaskSpec
+    event: str
+    label: str
+    index: int
+    total: int
+    checkpoint: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
     state: ApplyState
     lease: Lease | None = None  # a handed-back apply's new lease, to be dispatched
@@ -85,9 +98,8 @@ class ApplyRunner:
         # An apply task's 100% checkpoint, not written at once but in the next fenced
         # transaction of this run (its completion, as a rule): (task id, values).
         self._deferred: tuple[int, dict[str, Any]] | None = None
-        # The last apply task's completion, written in the transaction that ends the apply:
-        # (task, event, label, index, total).
-        self._last_done: tuple[TaskSpec, str, str, int, int] | None = None
+        # The last apply task's completion, written in the transaction that ends the apply.
+        self._last_done: _Done | None = None
 
     def run(self) -> Outcome:
         snapshot = self._snapshot or applies.for_run(self.db, self.lease.apply_id)
@@ -172,11 +184,23 @@ class ApplyRunner:
     def _completed(
         self, spec: TaskSpec, event: str, label: str, index: int, total: int, *, last: bool
     ) -> None:
+        done = _Done(spec, event, label, index, total, self._take_checkpoint(spec))
         if last:
-            self._last_done = (spec, event, label, index, total)
+            self._last_done = done
             return
-        self._write(lambda fx: self._complete_task(fx, spec, event, label))
+        self._write(lambda fx: self._complete_task(fx, done))
         self._task_done(spec, index, total)
+
+    def _take_checkpoint(self, spec: TaskSpec) -> Mapping[str, Any] | None:
+        """The task's 100 % checkpoint, if it is still to be written: it goes with the task's
+        completion, in the same statement, instead of before it (the completion's closure keeps
+        it until a fence carrying it commits, like ``_write``'s deferred writes)."""
+        deferred = self._deferred
+        if deferred is None or deferred[0] != spec.id:
+            return None
+        self._deferred = None
+        checkpoint: Mapping[str, Any] | None = deferred[1].get("checkpoint")
+        return checkpoint
 
     def _task_done(self, spec: TaskSpec, index: int, total: int) -> None:
         """Shown once the task's completion committed."""
@@ -184,9 +208,9 @@ class ApplyRunner:
         self.effects.progress(boundary=True)
 
     @staticmethod
-    def _complete_task(fx: Fenced, spec: TaskSpec, event: str, label: str) -> None:
-        fenced.finish_task(fx, spec.id, TaskState.COMPLETED)
-        fenced.append_log(fx, event, label)
+    def _complete_task(fx: Fenced, done: _Done) -> None:
+        fenced.finish_task(fx, done.spec.id, TaskState.COMPLETED, checkpoint=done.checkpoint)
+        fenced.append_log(fx, done.event, done.label)
 
     def _report(self, index: int, total: int, spec: TaskSpec, percent: int) -> None:
         self.reporter.progress(
@@ -302,15 +326,15 @@ class ApplyRunner:
 
         def transition(fx: Fenced) -> T:
             if done is not None:
-                self._complete_task(fx, *done[:3])
+                self._complete_task(fx, done)
             prepare(fx)
             return rotate(fx)
 
+        self.interrupts.ending = True
         result = self._write(transition, finishing=finishing)
         self._last_done = None
         if done is not None:
-            spec, _, _, index, total = done
-            self._task_done(spec, index, total)
+            self._task_done(done.spec, done.index, done.total)
         self.effects.ended(state)
         return result
 

@@ -133,8 +133,15 @@ def start_task(apply_id: int, task_id: int, *, epoch: int) -> Update:
 
 
 def finish_task(
-    apply_id: int, task_id: int, *, epoch: int, state: str, error: str | None
+    apply_id: int,
+    task_id: int,
+    *,
+    epoch: int,
+    state: str,
+    error: str | None,
+    checkpoint: Mapping[str, Any] | None = None,
 ) -> Update:
+    """``checkpoint``: the task's last one, written in the same statement (None: left as it is)."""
     values: dict[str, Any] = {
         "state": state,
         "lease_epoch": epoch,
@@ -143,6 +150,8 @@ def finish_task(
     }
     if state == "completed":
         values["progress"] = 100
+    if checkpoint is not None:
+        values["checkpoint"] = checkpoint
     return (
         apply_tasks.update()
         .where(apply_tasks.c.id == task_id, apply_tasks.c.apply_id == apply_id)

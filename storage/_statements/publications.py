@@ -4,34 +4,47 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, Update, bindparam, func, insert, literal, select
+from sqlalchemy import (
+    ColumnElement,
+    Insert,
+    Select,
+    Update,
+    bindparam,
+    func,
+    literal,
+    select,
+)
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from storage import clock
-from storage._statements._common import Upsert
 from storage.states import TERMINAL_APPLY_STATES, ApplyState
 from storage.tables import applies, publications
 
 _PUBLISHED_STATES = [ApplyState.STOPPED, *sorted(TERMINAL_APPLY_STATES)]
 
 
-def publication_due(apply_id: int) -> Upsert:
+def publication_due(apply_id: int, *, dialect: str) -> Insert:
     """The apply stopped or ended: its pull request is owed that state. Run by those rotations,
-    in their transaction; an apply without a pull request owes nothing (the insert selects no
-    row)."""
-    owed = {"due_at": clock.now(), "claimed_at": None, "attempts": 0, "last_error": None}
+    in their transaction, as one upsert (a fresh row, or the owed state reset on the apply's
+    row); an apply without a pull request owes nothing (the insert selects no row)."""
     has_pull_request = (
         applies.c.repository.is_not(None)
         & applies.c.pull_request.is_not(None)
         & applies.c.head_sha.is_not(None)
     )
+    # A WHERE clause always, which SQLite's parser needs before ON CONFLICT.
     source = select(applies.c.id, clock.now(), literal(None), literal(0), literal(None)).where(
         applies.c.id == apply_id, has_pull_request
     )
-    return Upsert(
-        update=publications.update().where(publications.c.apply_id == apply_id).values(**owed),
-        insert=insert(publications).from_select(
-            ["apply_id", "due_at", "claimed_at", "attempts", "last_error"], source
-        ),
+    columns = ["apply_id", "due_at", "claimed_at", "attempts", "last_error"]
+    owed = {"due_at": clock.now(), "claimed_at": None, "attempts": 0, "last_error": None}
+    if dialect in ("mysql", "mariadb"):
+        return mysql.insert(publications).from_select(columns, source).on_duplicate_key_update(owed)
+    dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return (
+        dialect_insert(publications)
+        .from_select(columns, source)
+        .on_conflict_do_update(index_elements=[publications.c.apply_id], set_=owed)
     )
 
 

@@ -12,6 +12,7 @@ lease keeps the guarantees of a heartbeat of its own.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -285,6 +286,25 @@ def test_a_lost_lease_interrupts_its_run_alone_and_the_others_keep_beating(db: D
         beats.stop()
         beats.join(10)
     assert not beats.is_alive()
+
+
+@pytest.mark.parametrize("ending", [False, True], ids=["taken", "its-own-run-ending-it"])
+def test_a_loss_is_a_warning_unless_the_lease_s_own_run_is_ending_it(
+    db: Database, caplog: pytest.LogCaptureFixture, ending: bool
+) -> None:
+    """A mass cancel rotates hundreds of leases away at once, each by its own run, and a beat
+    may read a row between that commit and the run's release: no warning then. The run is
+    interrupted alike (it is past its last write)."""
+    caplog.set_level(logging.INFO, logger="tasks.heartbeat")
+    beats = Heartbeats(db, interval=1.0, stale_after=STALE_AFTER, monotonic=FakeClock())
+    lease, interrupts = support.running_lease(db), Interrupts()
+    beats.hold(lease, interrupts)
+    interrupts.ending = ending
+    support.hand_back(db, lease, reason="test rotation")
+    assert not beats.beat_once()
+    assert interrupts.reason == Reason.LEASE_LOST
+    (record,) = [r for r in caplog.records if "stopping its run" in r.getMessage()]
+    assert record.levelno == (logging.INFO if ending else logging.WARNING)
 
 
 def test_each_lease_has_its_own_presumed_lost_window(db: Database, tmp_path: Path) -> None:

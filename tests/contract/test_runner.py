@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import event
 
 from leases import Lease, fence, redeem
 from storage import applies, control
@@ -423,6 +424,34 @@ def test_checkpoint_writes_are_throttled_by_the_injected_clock(db: Database) -> 
     assert percents[0] == 0
     assert 0 < percents[1] < 100
     assert percents[2:] == [100, 100, 100], percents
+
+
+def test_a_task_s_last_checkpoint_is_written_by_its_completion(db: Database) -> None:
+    """The 100 % checkpoint rides on the completion's own UPDATE: a task's row is written when it
+    starts, at its first engine step, and once more when it completes, checkpoint included."""
+    apply_id = sleep_apply(db, (0.3,))
+    lease = run_lease(db, apply_id)
+    updates: list[str] = []
+
+    def seen(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if statement.lstrip().upper().startswith("UPDATE APPLY_TASKS"):
+            updates.append(" ".join(statement.split()))
+
+    event.listen(db.engine, "before_cursor_execute", seen)
+    try:
+        clock = FakeClock()
+        outcome = _runner(db, lease, progress_interval=10.0, monotonic=clock).run()
+    finally:
+        event.remove(db.engine, "before_cursor_execute", seen)
+    assert outcome == Outcome(ApplyState.COMPLETED)
+    assert len(updates) == 3, updates
+    assert "started_at" in updates[0]
+    assert "checkpoint" in updates[1]
+    assert "finished_at" in updates[2]
+    assert "checkpoint" in updates[2]
+    (task,) = task_rows(db, apply_id)
+    assert (task["state"], task["progress"]) == ("completed", 100)
+    assert task["checkpoint"]["elapsed"] == pytest.approx(0.3)
 
 
 def test_an_advancing_clock_lets_checkpoints_through(db: Database) -> None:
