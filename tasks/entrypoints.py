@@ -89,7 +89,7 @@ def run_apply(self: Any, apply_id: Any, lease: Any) -> dict[str, Any]:
     held = Lease.from_json(lease)
     if held.apply_id != apply_id:
         raise InvalidLease(f"lease is for apply {held.apply_id}, not {apply_id}")
-    db = runtime.runs_database()  # the heartbeat renews the lease through runtime.database()
+    db = runtime.runs_database()  # the slots' pool; the heartbeat has a connection of its own
     settings = runtime.settings()
     owner = f"{self.request.hostname or 'local'}/{os.getpid()}/{self.request.id}"
     if runtime.shutting_down():
