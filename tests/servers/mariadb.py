@@ -6,7 +6,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,8 @@ from tests.servers._process import START_TIMEOUT, TLSFiles, _kill, free_port
 
 class PrivateMariaDB:
     """A MariaDB server of the test's own. ``time_zone``: its global ``time_zone`` at start
-    (``SYSTEM`` by default, as most servers run)."""
+    (``SYSTEM`` by default, as most servers run). ``options``: more ``mariadbd`` options, after
+    the defaults (the last value of an option wins: ``bench/scale.py``'s ``--max-connections``)."""
 
     def __init__(
         self,
@@ -27,6 +28,7 @@ class PrivateMariaDB:
         time_zone: str | None = None,
         tls: TLSFiles | None = None,
         require_secure_transport: bool = False,
+        options: Sequence[str] = (),
     ) -> None:
         for tool in ("mariadbd", "mariadb-install-db"):
             if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
@@ -38,6 +40,7 @@ class PrivateMariaDB:
         self.time_zone = time_zone
         self.tls = tls
         self.require_secure_transport = require_secure_transport
+        self.options = tuple(options)
         self.proc: subprocess.Popen[bytes] | None = None
         self.logfile = folder / "mariadbd.err"
 
@@ -112,6 +115,7 @@ class PrivateMariaDB:
             ]
         if self.require_secure_transport:
             argv.append("--require-secure-transport=ON")
+        argv += self.options
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             self._wait_ready()
@@ -188,9 +192,14 @@ def private_mariadb(
     time_zone: str | None = None,
     tls: TLSFiles | None = None,
     require_secure_transport: bool = False,
+    options: Sequence[str] = (),
 ) -> Iterator[PrivateMariaDB]:
     server = PrivateMariaDB(
-        folder, time_zone=time_zone, tls=tls, require_secure_transport=require_secure_transport
+        folder,
+        time_zone=time_zone,
+        tls=tls,
+        require_secure_transport=require_secure_transport,
+        options=options,
     ).start()
     try:
         yield server

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,9 +31,17 @@ class PrivatePostgres:
     signed by ``tls.ca`` whose CN is their name (``hostssl ... cert``); ``hostnossl ... reject``.
     The data folder is made with ``tempfile`` (not under pytest's root-only temp folder, which
     the server's user could not enter), with copies of the TLS files it can read; ``close``
-    deletes it. ``initdb`` runs once per instance; ``stop``/``start`` keep the data."""
+    deletes it. ``initdb`` runs once per instance; ``stop``/``start`` keep the data.
+    ``settings``: more ``-c name=value``, after the defaults, which they override (a test server
+    runs without fsync; ``bench/scale.py`` turns durability back on)."""
 
-    def __init__(self, *, tls: TLSFiles | None = None, cert_users: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        tls: TLSFiles | None = None,
+        cert_users: Sequence[str] = (),
+        settings: Mapping[str, str] | None = None,
+    ) -> None:
         for tool in ("initdb", "postgres"):
             if not (POSTGRES_BIN / tool).exists():
                 unavailable(f"{POSTGRES_BIN / tool} is missing (Debian: postgresql-15)")
@@ -53,6 +61,7 @@ class PrivatePostgres:
         self.port = free_port()
         self.tls = tls
         self.cert_users = tuple(cert_users)
+        self.settings = dict(settings or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self._own(self.folder, 0o700)
 
@@ -168,6 +177,8 @@ class PrivatePostgres:
                 "-c",
                 f"ssl_ca_file={files['ca']}",
             ]
+        for name, value in self.settings.items():
+            argv += ["-c", f"{name}={value}"]
         log = open(self.logfile, "ab")  # noqa: SIM115 - the server's, closed with it below
         try:
             self.proc = subprocess.Popen(
@@ -239,9 +250,12 @@ class PrivatePostgres:
 
 @contextmanager
 def private_postgres(
-    *, tls: TLSFiles | None = None, cert_users: Sequence[str] = ()
+    *,
+    tls: TLSFiles | None = None,
+    cert_users: Sequence[str] = (),
+    settings: Mapping[str, str] | None = None,
 ) -> Iterator[PrivatePostgres]:
-    server = PrivatePostgres(tls=tls, cert_users=cert_users)
+    server = PrivatePostgres(tls=tls, cert_users=cert_users, settings=settings)
     try:
         yield server.start()
     finally:

@@ -17,15 +17,20 @@ from tests.servers._process import START_TIMEOUT, TLSFiles, _kill, _wait_port, f
 class PrivateRedis:
     """A ``redis-server`` of the test's own. With ``tls`` it listens on ``--tls-port`` only (the
     plain port is 0: off), and with ``auth_clients`` it also demands a client certificate
-    signed by ``tls.ca``."""
+    signed by ``tls.ca``. ``port``: a fixed one (a free one by default)."""
 
     def __init__(
-        self, folder: Path, *, tls: TLSFiles | None = None, auth_clients: bool = False
+        self,
+        folder: Path,
+        *,
+        tls: TLSFiles | None = None,
+        auth_clients: bool = False,
+        port: int | None = None,
     ) -> None:
         if shutil.which("redis-server") is None:
             unavailable("redis-server is not installed (Debian: redis-server)")
         self.folder = folder
-        self.port = free_port()
+        self.port = port or free_port()
         self.tls = tls
         self.auth_clients = auth_clients
         self.proc: subprocess.Popen[bytes] | None = None
@@ -93,9 +98,13 @@ class PrivateRedis:
 
 @contextmanager
 def private_redis(
-    folder: Path, *, tls: TLSFiles | None = None, auth_clients: bool = False
+    folder: Path,
+    *,
+    tls: TLSFiles | None = None,
+    auth_clients: bool = False,
+    port: int | None = None,
 ) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(folder, tls=tls, auth_clients=auth_clients).start()
+    server = PrivateRedis(folder, tls=tls, auth_clients=auth_clients, port=port).start()
     try:
         yield server
     finally:
