@@ -128,12 +128,15 @@ def unregister_run(task_id: str) -> None:
 
 
 def hand_back_all() -> int:
-    """Ask every apply running in this process to stop at a safe point and hand itself back."""
+    """Ask every apply running in this process to stop at a safe point and hand itself back.
+    Returns how many still run: a run already ending its apply (stopped, handed back, ended),
+    which only has its cleanup left, is asked too but not counted, so that the log line says
+    what a shutdown actually hands back."""
     with _lock:
         runs = list(_runs.values())
     for interrupts in runs:
         interrupts.interrupt(Reason.HANDOVER)
-    return len(runs)
+    return sum(not interrupts.ending for interrupts in runs)
 
 
 def _reset_after_fork(**_: Any) -> None:

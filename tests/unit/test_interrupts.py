@@ -62,3 +62,20 @@ def test_a_lost_lease_outranks_any_request() -> None:
     interrupts.requested([ControlRequest(2, 1, ControlAction.CANCEL)])
     assert interrupts.reason == Reason.LEASE_LOST
     assert interrupts.request_id is None
+
+
+def test_a_warm_shutdown_counts_the_runs_it_hands_back_not_those_already_ending() -> None:
+    """``hand_back_all`` asks every registered run; its count (the shutdown's log line) leaves
+    out a run already ending its apply, which only has its cleanup left."""
+    from tasks import runtime
+
+    running, ending = Interrupts(), Interrupts()
+    ending.ending = True
+    runtime.register_run("unit-running", running)
+    runtime.register_run("unit-ending", ending)
+    try:
+        assert runtime.hand_back_all() == 1
+    finally:
+        runtime.unregister_run("unit-running")
+        runtime.unregister_run("unit-ending")
+    assert running.reason is ending.reason is Reason.HANDOVER
