@@ -5,13 +5,18 @@ fixtures, which shadow ``celery.contrib.pytest``'s; see issue 3)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import runpy
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, TypeVar
+from unittest import mock
 
 from leases import Lease, dispatch, redeem
 from storage import applies, open_database
@@ -21,6 +26,23 @@ from tests.support import new_database
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
+
+
+def celeryconfig_settings(env: Mapping[str, str], cwd: Path | None = None) -> dict[str, Any]:
+    """``celeryconfig.py`` evaluated under ``env`` alone (and in ``cwd``), as a new process with
+    that environment reads it: its Celery settings, for an app configured exactly as the
+    workers' or the console script's would be (without importing ``tasks.app``)."""
+    with mock.patch.dict(os.environ, dict(env), clear=True), contextlib.chdir(cwd or Path.cwd()):
+        namespace = runpy.run_path(str(REPO / "celeryconfig.py"), run_name="test_celeryconfig")
+    return {
+        key: value
+        for key, value in namespace.items()
+        if key.islower()
+        and not key.startswith("_")
+        and not isinstance(value, ModuleType)
+        and not callable(value)
+        and key != "annotations"
+    }
 
 
 def wait_until(

@@ -7,18 +7,15 @@ import contextlib
 import io
 import logging
 import os
-import runpy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import Any
 from unittest import mock
 
 from kombu import pools
 from kombu.utils.collections import eqhash
 
-from tests.celery_fixtures import REPO, forget_connections
+from tests.celery_fixtures import celeryconfig_settings, forget_connections
 
 
 @dataclass(frozen=True)
@@ -28,21 +25,6 @@ class Ran:
     returncode: int
     stdout: str
     stderr: str
-
-
-def _celery_settings(env: Mapping[str, str], cwd: Path) -> dict[str, Any]:
-    """``celeryconfig.py`` evaluated under ``env`` alone in ``cwd``, as a new process reads it."""
-    with mock.patch.dict(os.environ, dict(env), clear=True), contextlib.chdir(cwd):
-        namespace = runpy.run_path(str(REPO / "celeryconfig.py"), run_name="cli_celeryconfig")
-    return {
-        key: value
-        for key, value in namespace.items()
-        if key.islower()
-        and not key.startswith("_")
-        and not isinstance(value, ModuleType)
-        and not callable(value)
-        and key != "annotations"
-    }
 
 
 def run_cli(args: Sequence[str], env: Mapping[str, str], cwd: Path) -> Ran:
@@ -60,7 +42,7 @@ def run_cli(args: Sequence[str], env: Mapping[str, str], cwd: Path) -> Ran:
 
     assert not any(k.startswith("LEASEHOLD_SECURITY_") for k in env), "use a subprocess"
     env = {"COLUMNS": "80", **env}  # argparse's width when stdout is not a terminal
-    settings = _celery_settings(env, cwd)
+    settings = celeryconfig_settings(env, cwd)
     changes = app.conf.changes
     kept = dict(changes)
     out, err = io.StringIO(), io.StringIO()

@@ -13,7 +13,6 @@ import itertools
 import json
 import os
 import re
-import runpy
 import signal
 import sqlite3
 import subprocess
@@ -25,9 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from types import ModuleType
 from typing import Any, TypeVar
-from unittest import mock
 
 from celery import Celery
 from celery.events.state import State
@@ -40,6 +37,7 @@ from storage.errors import StorageError
 from storage.migrate import upgrade
 from storage.tables import metadata
 from tasks.testing.processes import CeleryProcess, beat, worker
+from tests.celery_fixtures import celeryconfig_settings
 from tests.support import new_database
 
 T = TypeVar("T")
@@ -120,17 +118,7 @@ def client_app(env: Mapping[str, str]) -> Any:
     """A Celery app for the test process, built from ``celeryconfig.py`` evaluated under the
     processes' environment, so that broker, transport options, queue, serializers and result
     backend are exactly the workers' (without importing ``tasks.app`` here)."""
-    with mock.patch.dict(os.environ, dict(env), clear=True):
-        namespace = runpy.run_path(str(ROOT / "celeryconfig.py"), run_name="e2e_celeryconfig")
-    settings = {
-        key: value
-        for key, value in namespace.items()
-        if key.islower()
-        and not key.startswith("_")
-        and not isinstance(value, ModuleType)
-        and not callable(value)
-        and key != "annotations"
-    }
+    settings = celeryconfig_settings(env)
     app = Celery("leasehold-e2e-client", set_as_current=False)
     app.conf.update(settings)
     return app
