@@ -10,8 +10,17 @@ from typing import Any
 from sqlalchemy import Insert, Table, Update, insert
 
 from storage.states import WAITING_STATES
+from storage.tables import applies
 
 _WAITING = sorted(WAITING_STATES)
+# The columns of a lease row as storage/_leasing.py's LeaseRow reads them, with its owner.
+_LEASE_ROW = (
+    applies.c.id,
+    applies.c.state,
+    applies.c.lease_epoch,
+    applies.c.lease_token,
+    applies.c.lease_owner,
+)
 
 
 def _by_primary_key(stmt: Update) -> Update:

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import Select, Update, bindparam, select, tuple_
 
 from storage import clock
-from storage._statements._common import _by_primary_key
+from storage._statements._common import _LEASE_ROW, _by_primary_key
 from storage.states import ApplyState
 from storage.tables import applies
 
@@ -48,17 +48,7 @@ def fence(apply_id: int, token: str) -> Select[Any]:
 
 def lock_apply(apply_id: int) -> Select[Any]:
     """Lock one apply row for a transition made without a lease (control, dispatch)."""
-    return (
-        select(
-            applies.c.id,
-            applies.c.state,
-            applies.c.lease_epoch,
-            applies.c.lease_token,
-            applies.c.lease_owner,
-        )
-        .where(applies.c.id == apply_id)
-        .with_for_update()
-    )
+    return select(*_LEASE_ROW).where(applies.c.id == apply_id).with_for_update()
 
 
 def rotate(

@@ -9,7 +9,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import aliased
 
 from storage import clock
-from storage._statements._common import _WAITING
+from storage._statements._common import _LEASE_ROW, _WAITING
 from storage.states import IN_LINE_STATES, ApplyState
 from storage.tables import applies, apply_lines
 
@@ -81,13 +81,7 @@ def line_head(database_name: str, environment: str) -> Select[Any]:
     """The first unfinished apply of a line: the one at work (dispatched or running), else the
     oldest."""
     return (
-        select(
-            applies.c.id,
-            applies.c.state,
-            applies.c.lease_epoch,
-            applies.c.lease_token,
-            applies.c.lease_owner,
-        )
+        select(*_LEASE_ROW)
         .where(
             applies.c.database_name == database_name,
             applies.c.environment == environment,
