@@ -1,5 +1,6 @@
 """What the statement modules share: the set of waiting states, the primary-key hint of the
-apply row's UPDATEs, and the record of one row as an update-then-insert."""
+apply row's UPDATEs, the columns of a lease row, and the record of one row as an
+update-then-insert."""
 
 from __future__ import annotations
 
