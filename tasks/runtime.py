@@ -51,11 +51,7 @@ def database() -> Database:
     current = settings()
     with _lock:
         if _db is None:
-            _db = open_database(
-                current.database_url,
-                pool_size=current.control_connections,
-                idle_transaction_timeout=current.stale_after,
-            )
+            _db = _open(current, pool_size=current.control_connections)
         return _db
 
 
@@ -68,13 +64,18 @@ def runs_database() -> Database:
     current = settings()
     with _lock:
         if _runs_db is None:
-            _runs_db = open_database(
-                current.database_url,
+            _runs_db = _open(
+                current,
                 max_connections=current.database_connections,
                 pool_timeout=RUNS_POOL_TIMEOUT,
-                idle_transaction_timeout=current.stale_after,
             )
         return _runs_db
+
+
+def _open(current: Settings, **pool: Any) -> Database:
+    """One of the process's pools: every session ended by the server when it idles in a
+    transaction for ``stale_after`` (``open_database`` says why)."""
+    return open_database(current.database_url, idle_transaction_timeout=current.stale_after, **pool)
 
 
 def heartbeats() -> Heartbeats:
@@ -84,13 +85,10 @@ def heartbeats() -> Heartbeats:
     current = settings()
     with _lock:
         if _heartbeats is None:
-            db = open_database(
-                current.database_url,
-                max_connections=1,
-                idle_transaction_timeout=current.stale_after,
-            )
             _heartbeats = Heartbeats(
-                db, interval=current.heartbeat_interval, stale_after=current.stale_after
+                _open(current, max_connections=1),
+                interval=current.heartbeat_interval,
+                stale_after=current.stale_after,
             )
             _heartbeats.start()
         return _heartbeats
